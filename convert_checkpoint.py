@@ -1,0 +1,28 @@
+"""Convert an official Qwen (v1) checkpoint folder into nanoqwen's layout.
+
+    python convert_checkpoint.py SRC DST [--dtype bfloat16|float16|float32]
+"""
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("src", help="official checkpoint folder (config.json, *.safetensors, qwen.tiktoken)")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the converted weights (default: bfloat16, the dtype Qwen was released in)")
+    args = p.parse_args(argv)
+    from nanoqwen.checkpoint import CheckpointError, convert
+    from nanoqwen.config import ConfigError
+    try:
+        out = convert(args.src, args.dst, args.dtype)
+    except (CheckpointError, ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Read official Qwen (v1) checkpoints, check them against the config, convert them, and load models.
+
+Official layout: `config.json`, `model.safetensors` or shards + `model.safetensors.index.json`, `qwen.tiktoken`,
+`generation_config.json`. nanoqwen layout (written by `convert`): the same side files, `nanoqwen.json` (format marker
+and dtype), and the weights in safetensors with the MLP's w2 and w1 fused into `mlp.w2_w1` (one matmul). Only
+safetensors are ever read: pickled `*.bin` checkpoints are refused.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .config import QwenConfig
+
+FORMAT_FILE = "nanoqwen.json"
+FORMAT_VERSION = 1
+SIDE_FILES = ("generation_config.json", "qwen.tiktoken", "tokenizer_config.json")
+IGNORED_SUFFIXES = ("attn.masked_bias", "rotary_emb.inv_freq")  # buffers some exports carry; never weights
+PROGRESS_MIN_BYTES = 256 << 20  # show progress bars only for checkpoints at least this large
+SHARD_BYTES = 4 << 30
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+          "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ST_DTYPES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I32": 4, "I64": 8, "I8": 1, "U8": 1, "I16": 2, "BOOL": 1}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded, with what is wrong and what to do."""
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of bfloat16, float16, float32")
+    return DTYPES[dtype]
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------- names and shapes
+
+def official_shapes(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an official fp checkpoint and its shape ([out, in] for linears)."""
+    H, F, V = cfg.hidden_size, cfg.mlp_width, cfg.vocab_size
+    shapes = {"transformer.wte.weight": (V, H), "transformer.ln_f.weight": (H,), "lm_head.weight": (V, H)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"transformer.h.{i}."
+        shapes.update({p + "ln_1.weight": (H,), p + "attn.c_attn.weight": (3 * H, H), p + "attn.c_attn.bias": (3 * H,),
+                       p + "attn.c_proj.weight": (H, H), p + "ln_2.weight": (H,), p + "mlp.w1.weight": (F, H),
+                       p + "mlp.w2.weight": (F, H), p + "mlp.c_proj.weight": (H, F)})
+        if not cfg.no_bias:
+            shapes.update({p + "attn.c_proj.bias": (H,), p + "mlp.w1.bias": (F,), p + "mlp.w2.bias": (F,),
+                           p + "mlp.c_proj.bias": (H,)})
+    return shapes
+
+
+def nanoqwen_shapes(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:
+    """The converted layout: official names, with mlp.w2 and mlp.w1 fused into mlp.w2_w1."""
+    shapes = {}
+    for name, shape in official_shapes(cfg).items():
+        if ".mlp.w1." in name:
+            continue
+        if ".mlp.w2." in name:
+            name = name.replace(".mlp.w2.", ".mlp.w2_w1.")
+            shape = (2 * shape[0],) + shape[1:]
+        shapes[name] = shape
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------------- reading files
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} from a safetensors header, after checking the file holds all the data it declares."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+        if n is None or n > size - 8 or n > (100 << 20):
+            raise CheckpointError(f"{path} is not a readable safetensors file (its header is cut off or corrupt, "
+                                  f"{size} bytes on disk); re-download or re-convert it")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e}); re-download or re-convert it") from e
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: its header declares {8 + n + end:,} bytes but the file has "
+                              f"{size:,}; the download or copy was interrupted, fetch the file again")
+    return {name: (v["dtype"], tuple(v["shape"])) for name, v in header.items()}
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, from its index when there is one."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download it") from e
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not (folder / f).is_file():
+                raise CheckpointError(f"checkpoint shard {f} (listed in {index.name}) is missing from {folder}; "
+                                      "download the complete checkpoint (every model-*.safetensors file)")
+        return [folder / f for f in files]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        hint = (f" It has {', '.join(pickles[:3])}: nanoqwen never loads pickled weights (they can run code); "
+                "download the safetensors version of the checkpoint.") if pickles else ""
+        raise CheckpointError(f"no *.safetensors weights in {folder}.{hint}")
+    return files
+
+
+def tensor_locations(folder: Path) -> tuple[dict[str, Path], dict[str, tuple[str, tuple[int, ...]]]]:
+    """name -> file and name -> (dtype, shape) over every weight file, each file checked for truncation."""
+    where, meta = {}, {}
+    for f in weight_files(folder):
+        for name, info in read_safetensors_header(f).items():
+            where[name], meta[name] = f, info
+    return where, meta
+
+
+def check_tensors(meta: dict, expected: dict, folder: Path, what: str) -> None:
+    names = {n for n in meta if not n.endswith(IGNORED_SUFFIXES)}
+    missing = sorted(set(expected) - names, key=_natural)
+    unexpected = sorted(names - set(expected), key=_natural)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{folder}: {len(missing)} tensor(s) missing from the {what}: {', '.join(missing[:5])}"
+                              f"{more}. The weights do not match config.json, or a shard is incomplete.")
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{folder}: unexpected tensor(s) in the {what}: {', '.join(unexpected[:5])}{more}. "
+                              "Is this a Qwen (v1) checkpoint, and does config.json belong to these weights?")
+    for name, shape in expected.items():
+        if meta[name][1] != tuple(shape):
+            raise CheckpointError(f"{folder}: tensor {name} has shape {list(meta[name][1])}, but config.json implies "
+                                  f"{list(shape)}; the weights and config.json do not belong together")
+
+
+def _natural(name: str):
+    return [int(t) if t.isdigit() else t for t in name.replace(".", " . ").split()]
+
+
+def is_converted(folder: Path) -> bool:
+    return (Path(folder) / FORMAT_FILE).is_file()
+
+
+def check_not_quantized(cfg: QwenConfig, folder: Path) -> None:
+    if cfg.quantization_config is not None:
+        method = cfg.quantization_config.get("quant_method", "gptq")
+        raise CheckpointError(f"{folder} is a {method.upper()} quantized checkpoint "
+                              f"({cfg.quantization_config.get('bits', '?')}-bit): GPTQ Int4/Int8 support has not landed "
+                              "in nanoqwen yet; use the bf16 checkpoint (e.g. Qwen/Qwen-7B-Chat) for now")
+
+
+# ----------------------------------------------------------------------------------------------- conversion
+
+def iter_official(folder: Path, cfg: QwenConfig, dtype: torch.dtype, device="cpu", desc="loading"):
+    """Yield (nanoqwen name, tensor) from an official folder, checked, cast to `dtype`, w2/w1 fused."""
+    where, meta = tensor_locations(folder)
+    check_tensors(meta, official_shapes(cfg), folder, "checkpoint")
+    total = sum(_nbytes(*meta[n]) for n in official_shapes(cfg))
+    handles = {}
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=total < PROGRESS_MIN_BYTES)
+
+    def get(name):
+        f = where[name]
+        if f not in handles:
+            handles[f] = safe_open(str(f), framework="pt", device=str(device))
+        bar.update(_nbytes(*meta[name]))
+        return handles[f].get_tensor(name).to(dtype)
+
+    try:
+        for name in nanoqwen_shapes(cfg):
+            if ".mlp.w2_w1." in name:
+                w2 = get(name.replace(".w2_w1.", ".w2."))
+                yield name, torch.cat([w2, get(name.replace(".w2_w1.", ".w1."))])
+            else:
+                yield name, get(name)
+    finally:
+        bar.close()
+
+
+def _nbytes(st_dtype: str, shape) -> int:
+    n = ST_DTYPES.get(st_dtype, 2)
+    for s in shape:
+        n *= s
+    return n
+
+
+def convert(src, dst, dtype="bfloat16") -> Path:
+    """Convert an official Qwen checkpoint folder into a nanoqwen folder (weights cast to `dtype`)."""
+    src, dst = Path(src), Path(dst)
+    dtype = parse_dtype(dtype)
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a folder: pass the folder of an official Qwen checkpoint")
+    if is_converted(src):
+        raise CheckpointError(f"{src} is already a nanoqwen folder; load it directly")
+    cfg = QwenConfig.from_json(src)
+    check_not_quantized(cfg, src)
+    dst.mkdir(parents=True, exist_ok=True)
+    shard, shard_bytes, shards = {}, 0, []
+    tmp = []
+    for name, t in iter_official(src, cfg, dtype, desc=f"converting {src.name}"):
+        shard[name] = t.contiguous()
+        shard_bytes += t.numel() * t.element_size()
+        if shard_bytes >= SHARD_BYTES:
+            tmp.append(_write_shard(dst, len(tmp), shard))
+            shard, shard_bytes = {}, 0
+    if shard or not tmp:
+        tmp.append(_write_shard(dst, len(tmp), shard))
+    weight_map = {}
+    for i, (path, names) in enumerate(tmp):
+        final = dst / (f"model-{i + 1:05d}-of-{len(tmp):05d}.safetensors" if len(tmp) > 1 else "model.safetensors")
+        path.replace(final)
+        weight_map.update({n: final.name for n in names})
+    if len(tmp) > 1:
+        (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=2))
+    (dst / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    for f in SIDE_FILES:
+        if (src / f).is_file():
+            shutil.copyfile(src / f, dst / f)
+    (dst / FORMAT_FILE).write_text(json.dumps({"format": "nanoqwen", "version": FORMAT_VERSION,
+                                               "dtype": str(dtype).removeprefix("torch.")}, indent=2))
+    return dst
+
+
+def _write_shard(dst: Path, i: int, tensors: dict) -> tuple[Path, list[str]]:
+    path = dst / f".shard-{i}.tmp"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path, list(tensors)
+
+
+def iter_converted(folder: Path, cfg: QwenConfig, dtype: torch.dtype, device="cpu"):
+    """Yield (name, tensor) from a nanoqwen folder, checked against the config."""
+    marker = json.loads((folder / FORMAT_FILE).read_text())
+    if marker.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{folder} was converted by a different nanoqwen version (format "
+                              f"{marker.get('version')}, this one reads {FORMAT_VERSION}); convert the official "
+                              "checkpoint again with convert_checkpoint.py")
+    where, meta = tensor_locations(folder)
+    check_tensors(meta, nanoqwen_shapes(cfg), folder, "converted checkpoint")
+    total = sum(_nbytes(*m) for m in meta.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {folder.name}",
+              disable=total < PROGRESS_MIN_BYTES) as bar:
+        for f in sorted(set(where.values())):
+            with safe_open(str(f), framework="pt", device=str(device)) as h:
+                for name in h.keys():
+                    if name in meta and not name.endswith(IGNORED_SUFFIXES):
+                        bar.update(_nbytes(*meta[name]))
+                        yield name, h.get_tensor(name).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def load_model(path, device=None, dtype=None):
+    """A `Qwen` from a converted nanoqwen folder or an official folder (converted in memory, never written)."""
+    from .model import Qwen
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder: pass a Qwen checkpoint folder (official or converted by "
+                              "convert_checkpoint.py)")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = parse_dtype(dtype) or default_dtype(device)
+    cfg = QwenConfig.from_json(folder)
+    check_not_quantized(cfg, folder)
+    tensors = iter_converted(folder, cfg, dtype, device) if is_converted(folder) else \
+        iter_official(folder, cfg, dtype, device, desc=f"loading {folder.name}")
+    with torch.device("meta"):
+        model = Qwen(cfg)
+    model.load_state_dict(dict(tensors), strict=True, assign=True)
+    model.rotary = type(model.rotary)(cfg.rotary_dim, cfg.rotary_emb_base).to(device)
+    return model.eval().requires_grad_(False)

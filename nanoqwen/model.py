@@ -1,0 +1,143 @@
+"""The Qwen (v1) decoder: RMSNorm, attention (fused c_attn with bias, RoPE, LogN, paged cache), w2-gated MLP, untied head.
+
+Module names mirror the official checkpoint (`transformer.h.{i}.attn.c_attn`, ...), except that the MLP's two input
+projections are stored fused as `mlp.w2_w1` (rows of w2, the SiLU-gated branch, then rows of w1): one matmul.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionMetadata, attention
+from .config import QwenConfig
+from .rope import RotaryEmbedding, apply_rotary, logn_factors, ntk_index
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # as the reference: normalise in fp32, cast to the activation dtype, then scale by the weight
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: QwenConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)  # Q | K | V, contiguous thirds
+        self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=not cfg.no_bias)
+
+    def forward(self, x, cos, sin, logn, meta: AttentionMetadata, kv):
+        T = x.shape[0]
+        q, k, v = self.c_attn(x).view(T, 3, self.n_head, self.head_dim).unbind(1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # keys are cached rotated, without LogN
+        if logn is not None:
+            q = q * logn[:, None, None].to(q.dtype)
+        o = attention(q, k, v, meta, kv)
+        return self.c_proj(o.reshape(T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: QwenConfig):
+        super().__init__()
+        self.w2_w1 = nn.Linear(cfg.hidden_size, 2 * cfg.mlp_width, bias=not cfg.no_bias)
+        self.c_proj = nn.Linear(cfg.mlp_width, cfg.hidden_size, bias=not cfg.no_bias)
+
+    def forward(self, x):
+        gate, up = self.w2_w1(x).chunk(2, dim=-1)  # reference: w1(x) * silu(w2(x))
+        return self.c_proj(up * F.silu(gate))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: QwenConfig):
+        super().__init__()
+        self.ln_1 = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg)
+        self.ln_2 = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, logn, meta, kv):
+        x = x + self.attn(self.ln_1(x), cos, sin, logn, meta, kv)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Qwen(nn.Module):
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.hidden_size),
+            h=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
+            ln_f=RMSNorm(config.hidden_size, config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_emb_base)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, **kwargs) -> "Qwen":
+        """Load a converted nanoqwen folder or an official Qwen checkpoint folder (converted in memory)."""
+        from .checkpoint import load_model
+        return load_model(path, device=device, dtype=dtype, **kwargs)
+
+    def init_weights(self, generator: torch.Generator | None = None) -> "Qwen":
+        """The reference initialisation (random-weight tests): N(0, 0.02), c_proj rescaled, biases 0, norms 1."""
+        std_proj = 0.02 / math.sqrt(2 * self.config.num_hidden_layers)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std_proj if name.endswith("c_proj.weight") else 0.02, generator=generator)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.ln_f.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata | None = None, kv_cache=None) -> torch.Tensor:
+        """Two ways in.
+
+        - `model(input_ids)` with input_ids [B, S]: a full causal forward without cache, logits [B, S, vocab].
+          Each row is its own sequence at positions 0..S-1 (NTK alpha from S, as the reference's prefill).
+        - `model(tokens, meta, kv_cache)` with tokens [T] (the new tokens of a batch, concatenated): K/V go into the
+          paged cache, logits for `meta.logits_indices` (all rows if None), [N, vocab].
+        """
+        if meta is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"model(input_ids) takes input_ids of shape [batch, seq], got {tuple(input_ids.shape)}")
+            B, S = input_ids.shape
+            if S == 0:
+                raise ValueError("input_ids is empty: give at least one token per row")
+            idx = ntk_index(S, self.config.seq_length, self.config.use_dynamic_ntk)
+            meta = AttentionMetadata.for_prefill([S] * B, input_ids.device, [idx] * B)
+            return self.forward(input_ids.reshape(-1), meta).view(B, S, -1)
+        self._check_ids(input_ids)
+        x = self.transformer.wte(input_ids)
+        cos, sin = self.rotary(meta.positions, meta.ntk_index)
+        logn = logn_factors(meta.positions, self.config.seq_length) if self.config.use_logn_attn else None
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cos, sin, logn, meta, kv_cache.layer(i) if kv_cache is not None else None)
+        if meta.logits_indices is not None:
+            x = x[meta.logits_indices]
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an integer tensor (torch.long), got {ids.dtype}")
+        if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"input_ids must be in [0, {self.config.vocab_size}), got values in "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
