@@ -180,7 +180,8 @@ def iter_official(folder: Path, cfg: QwenConfig, dtype: torch.dtype, device="cpu
         if f not in handles:
             handles[f] = safe_open(str(f), framework="pt", device=str(device))
         bar.update(_nbytes(*meta[name]))
-        return handles[f].get_tensor(name).to(dtype)
+        t = handles[f].get_tensor(name)
+        return t if dtype is None else t.to(dtype)
 
     try:
         for name in nanoqwen_shapes(cfg):
@@ -201,7 +202,8 @@ def _nbytes(st_dtype: str, shape) -> int:
 
 
 def convert(src, dst, dtype="bfloat16") -> Path:
-    """Convert an official Qwen checkpoint folder into a nanoqwen folder (weights cast to `dtype`)."""
+    """Convert an official Qwen checkpoint folder into a nanoqwen folder (weights cast to `dtype`; None keeps the
+    checkpoint's own dtype)."""
     src, dst = Path(src), Path(dst)
     dtype = parse_dtype(dtype)
     if not src.is_dir():
@@ -212,8 +214,9 @@ def convert(src, dst, dtype="bfloat16") -> Path:
     check_not_quantized(cfg, src)
     dst.mkdir(parents=True, exist_ok=True)
     shard, shard_bytes, shards = {}, 0, []
-    tmp = []
+    tmp, stored = [], dtype
     for name, t in iter_official(src, cfg, dtype, desc=f"converting {src.name}"):
+        stored = stored or t.dtype
         shard[name] = t.contiguous()
         shard_bytes += t.numel() * t.element_size()
         if shard_bytes >= SHARD_BYTES:
@@ -233,7 +236,7 @@ def convert(src, dst, dtype="bfloat16") -> Path:
         if (src / f).is_file():
             shutil.copyfile(src / f, dst / f)
     (dst / FORMAT_FILE).write_text(json.dumps({"format": "nanoqwen", "version": FORMAT_VERSION,
-                                               "dtype": str(dtype).removeprefix("torch.")}, indent=2))
+                                               "dtype": str(stored).removeprefix("torch.")}, indent=2))
     return dst
 
 
@@ -284,3 +287,72 @@ def load_model(path, device=None, dtype=None):
     model.load_state_dict(dict(tensors), strict=True, assign=True)
     model.rotary = type(model.rotary)(cfg.rotary_dim, cfg.rotary_emb_base).to(device)
     return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------- --ckpt names
+
+KNOWN_CHECKPOINTS = {
+    "qwen-7b": "Qwen/Qwen-7B", "qwen-7b-chat": "Qwen/Qwen-7B-Chat",
+    "qwen-14b": "Qwen/Qwen-14B", "qwen-14b-chat": "Qwen/Qwen-14B-Chat",
+    "qwen-7b-chat-int4": "Qwen/Qwen-7B-Chat-Int4", "qwen-7b-chat-int8": "Qwen/Qwen-7B-Chat-Int8",
+    "qwen-14b-chat-int4": "Qwen/Qwen-14B-Chat-Int4", "qwen-14b-chat-int8": "Qwen/Qwen-14B-Chat-Int8",
+}
+DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "qwen.tiktoken"]
+
+
+def nanoqwen_home() -> Path:
+    """Where converted checkpoints are cached: $NANOQWEN_HOME, else ~/.cache/nanoqwen."""
+    import os
+    return Path(os.environ.get("NANOQWEN_HOME") or Path.home() / ".cache" / "nanoqwen")
+
+
+def resolve_checkpoint(ckpt, progress: bool = True) -> Path:
+    """A loadable nanoqwen folder for `ckpt`: a known name, an `Org/Name` repo id (downloaded with
+    huggingface_hub), an official folder (converted once into the cache) or a converted folder."""
+    import os
+    import re
+    text = str(ckpt)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path if is_converted(path) else cached_conversion(path, progress)
+    looks_like_path = path.is_absolute() or text.startswith((".", "~")) or os.sep in text.strip("/").split("/", 1)[-1]
+    repo = KNOWN_CHECKPOINTS.get(text.lower())
+    if repo is None and not looks_like_path and re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        repo = text
+    if repo is None:
+        where = f"no folder {path} exists, and it is not" if looks_like_path or os.sep in text else "not"
+        raise CheckpointError(f"unknown checkpoint {text!r}: {where} one of the known names "
+                              f"({', '.join(KNOWN_CHECKPOINTS)}) or a Hugging Face repo id (Org/Name). To use a local "
+                              "copy, pass its folder: --ckpt /path/to/Qwen-7B-Chat")
+    return cached_conversion(download(repo), progress)
+
+
+def download(repo: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo, allow_patterns=DOWNLOAD_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated, ...: all end the same way for the user
+        raise CheckpointError(f"could not download {repo} from the Hugging Face Hub ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}). If you are offline or the repo is "
+                              "private, download it elsewhere and pass its folder: --ckpt /path/to/folder") from e
+
+
+def cached_conversion(src: Path, progress: bool = True) -> Path:
+    """Convert an official folder once into the cache (keyed by its path and its files' sizes and times)."""
+    import hashlib
+    src = src.resolve()
+    cfg = QwenConfig.from_json(src)
+    check_not_quantized(cfg, src)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in src.iterdir() if f.is_file())
+    key = hashlib.sha1(repr((str(src), files)).encode()).hexdigest()[:12]
+    dst = nanoqwen_home() / f"{src.name}-{key}"
+    if is_converted(dst):
+        return dst
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"converting {src} into {dst} (once)", flush=True)
+    convert(src, tmp, dtype=None)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return dst

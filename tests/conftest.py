@@ -81,3 +81,13 @@ def prefill_then_decode(model, ids: list[int], n_prefill: int, block_size: int =
 
     steps = [run(ids[:n_prefill], 0)] + [run([ids[i]], i) for i in range(n_prefill, len(ids))]
     return torch.stack(steps)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_home(tmp_path_factory):
+    """Converted-checkpoint cache in a temporary folder, and no network for the Hub."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NANOQWEN_HOME", str(tmp_path_factory.mktemp("nanoqwen_home")))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    mp.undo()

@@ -1,0 +1,135 @@
+"""The command line: chat with a Qwen chat model, or complete text with a base model, streaming.
+
+    python -m nanoqwen.generate --ckpt qwen-7b-chat                      # interactive chat
+    python -m nanoqwen.generate --ckpt qwen-7b-chat --prompt "你好"        # one answer, then exit
+    python -m nanoqwen.generate --ckpt qwen-7b --prompt "The capital of France is"
+
+In a chat, type :clear to forget the history and :quit (or Ctrl-D) to leave.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .sampling import SamplingParams
+
+COMMANDS = {":clear": "forget the conversation so far", ":quit": "leave (also :exit, Ctrl-D)"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nanoqwen.generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="qwen-7b, qwen-7b-chat, qwen-14b, qwen-14b-chat (+ -int4/-int8), "
+                   "an Org/Name Hugging Face repo, an official checkpoint folder or a converted one")
+    p.add_argument("--prompt", help="answer (chat) or complete (base model) this once and exit")
+    p.add_argument("--system", default="You are a helpful assistant.", help="system prompt for chat models")
+    p.add_argument("--max-new-tokens", type=int, help="default: the checkpoint's generation_config (512)")
+    p.add_argument("--temperature", type=float, help="0 = greedy; default: generation_config (1.0)")
+    p.add_argument("--top-p", type=float, help="default: generation_config (0.8 for Qwen)")
+    p.add_argument("--top-k", type=int, help="0 = off; default: generation_config (0 for Qwen)")
+    p.add_argument("--repetition-penalty", type=float, help="default: generation_config (1.1 for Qwen chat)")
+    p.add_argument("--seed", type=int, help="make sampling reproducible")
+    p.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="default: bfloat16 on CUDA, float32 on the CPU")
+    return p.parse_args(argv)
+
+
+def sampling_params(llm, args) -> SamplingParams:
+    overrides = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature),
+                                   ("top_p", args.top_p), ("top_k", args.top_k),
+                                   ("repetition_penalty", args.repetition_penalty), ("seed", args.seed))
+                 if v is not None}
+    config = dict(llm.generation_config)
+    if args.temperature is not None and args.temperature > 0:
+        config["do_sample"] = True  # an explicit temperature asks for sampling even if the config says greedy
+    return SamplingParams.from_generation_config(config, **overrides)
+
+
+def run(llm, ids: list[int], params: SamplingParams, out=sys.stdout) -> str:
+    """Generate for one prompt, streaming text to `out`; returns the text and prints the speed line on stderr."""
+    rid = llm.add_request(ids, params)
+    final = None
+    try:
+        while final is None:
+            for o in llm.step():
+                if o.request_id != rid:
+                    continue
+                if o.new_text:
+                    out.write(o.new_text)
+                    out.flush()
+                if o.finished:
+                    final = o
+    except KeyboardInterrupt:
+        llm.abort(rid)
+        llm.step()
+        out.write("\n[interrupted]\n")
+        return ""
+    out.write("\n")
+    out.flush()
+    m, n_new = final.metrics, len(final.token_ids)
+    prefill_s = m["first_token"] - m["arrival"]
+    decode_s = m["finished"] - m["first_token"]
+    decode = f"{(n_new - 1) / decode_s:.1f} tok/s" if n_new > 1 and decode_s > 0 else "n/a"
+    print(f"[prompt tokens: {len(ids)}, new tokens: {n_new}, prefill: {len(ids) / prefill_s:.1f} tok/s, "
+          f"decode: {decode}, finish: {final.finish_reason}]", file=sys.stderr, flush=True)
+    return final.text
+
+
+def interactive(llm, args, params) -> None:
+    chat = llm.chat_format == "chatml"
+    history = []
+    tty = sys.stdin.isatty()
+    print(f"nanoqwen: {'chat' if chat else 'text completion'} with {args.ckpt}. "
+          + " ".join(f"{k} to {v};" for k, v in COMMANDS.items()), file=sys.stderr, flush=True)
+    while True:
+        if tty:
+            sys.stdout.write("\nUser> " if chat else "\n>>> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        query = line.rstrip("\n")
+        if query.strip() in (":quit", ":exit"):
+            break
+        if query.strip() == ":clear":
+            history = []
+            print("[history cleared]", file=sys.stderr, flush=True)
+            continue
+        if not query.strip():
+            continue
+        if chat:
+            ids = llm.chat_context(query, history, args.system)
+            if tty:
+                sys.stdout.write("Qwen> ")
+            response = run(llm, ids, params)
+            history.append((query, response.strip()))
+        else:
+            run(llm, llm.encode(query), params)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .engine import LLM
+    try:
+        llm = LLM(args.ckpt, device=args.device, dtype=args.dtype)
+        params = sampling_params(llm, args)
+        if args.prompt is None:
+            interactive(llm, args, params)
+        elif llm.chat_format == "chatml":
+            run(llm, llm.chat_context(args.prompt, None, args.system), params)
+        else:
+            sys.stdout.write(args.prompt)
+            run(llm, llm.encode(args.prompt), params)
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
