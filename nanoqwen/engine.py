@@ -117,6 +117,7 @@ class LLM:
         self.requests: dict[int, Sequence] = {}
         self._finished_outputs: list[RequestOutput] = []  # aborted requests, reported by the next step()
         self._ids = itertools.count()
+        self.num_preemptions = 0
         self._seen: torch.Tensor | None = None  # [max_num_seqs, vocab] bool, rows handed to running sequences
         self._free_seen_rows = list(range(max_num_seqs))[::-1]
 
@@ -202,6 +203,7 @@ class LLM:
             seq.ntk_index = ntk_index(seq.num_prompt, self.config.seq_length, self.config.use_dynamic_ntk)
             seq.prefix_hashes = self.blocks.prefix_hashes(seq.token_ids, seq.num_prompt, seq.ntk_index)
         seq.block_table, seq.num_computed = self.blocks.allocate(seq.token_ids, seq.prefix_hashes)
+        seq.metrics.setdefault("cached_tokens", seq.num_computed)
         seq.seen_row = self._free_seen_rows.pop()
         if seq.params.repetition_penalty != 1.0:
             seen = self._seen_rows()
@@ -220,6 +222,7 @@ class LLM:
             self.running.remove(seq)
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self._release(seq)
         seq.num_computed, seq.status = 0, WAITING
         self.waiting.appendleft(seq)
