@@ -23,6 +23,7 @@ from .attention import AttentionMetadata
 from .chat import DEFAULT_SYSTEM, make_context, stop_token_ids
 from .checkpoint import default_dtype, load_model, parse_dtype, resolve_checkpoint
 from .kv_cache import BlockManager, KVCache
+from .model import Qwen
 from .rope import ntk_index
 from .sampling import Sampler, SamplingParams, SamplingTensors, random_seed
 from .tokenizer import IncrementalDetokenizer, Tokenizer
@@ -75,23 +76,31 @@ class LLM:
     """A Qwen model with its tokenizer, a paged KV cache and a continuous-batching scheduler.
 
     `ckpt`: a name (`qwen-7b-chat`, ...), a Hugging Face repo id, an official checkpoint folder or a converted one.
+    `ckpt` may also be a `Qwen` model already built, with `tokenizer=` a `Tokenizer` or a folder holding qwen.tiktoken.
     KV cache size: `num_kv_blocks` blocks of `block_size` tokens if given; else on CUDA a `gpu_memory_utilization`
     fraction of the GPU memory left after the weights and a profiled forward; on the CPU `cpu_kv_cache_gib` GiB.
     """
 
     def __init__(self, ckpt, device=None, dtype=None, *, block_size: int = 16, num_kv_blocks: int | None = None,
-                 gpu_memory_utilization: float = 0.9, cpu_kv_cache_gib: float = 2.0, max_num_seqs: int = 256,
+                 gpu_memory_utilization: float = 0.9, cpu_kv_cache_gib: float = 0.5, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, max_model_len: int = 32768, enable_prefix_caching: bool = True,
-                 progress: bool = True):
-        folder = resolve_checkpoint(ckpt, progress=progress)
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = parse_dtype(dtype) or default_dtype(self.device)
-        self.model = load_model(folder, self.device, self.dtype)
+                 progress: bool = True, tokenizer=None):
+        if isinstance(ckpt, Qwen):  # an already built model (benchmarks, research code); tokenizer= names its vocab
+            self.model, folder = ckpt, None
+            self.device, self.dtype = ckpt.device, ckpt.dtype
+        else:
+            folder = resolve_checkpoint(ckpt, progress=progress)
+            self.device = torch.device(device) if device is not None else torch.device(
+                "cuda" if torch.cuda.is_available() else "cpu")
+            self.dtype = parse_dtype(dtype) or default_dtype(self.device)
+            self.model = load_model(folder, self.device, self.dtype)
         self.config = self.model.config
-        self.tokenizer = Tokenizer.from_pretrained(folder)
-        gen_file = Path(folder) / "generation_config.json"
-        self.generation_config = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+        if isinstance(tokenizer, Tokenizer):
+            self.tokenizer = tokenizer
+        else:
+            self.tokenizer = Tokenizer.from_pretrained(tokenizer or folder)
+        gen_file = Path(folder) / "generation_config.json" if folder is not None else None
+        self.generation_config = json.loads(gen_file.read_text()) if gen_file and gen_file.is_file() else {}
         self.chat_format = self.generation_config.get("chat_format", "raw")
         self.default_params = SamplingParams.from_generation_config(self.generation_config)
         if not 0 < gpu_memory_utilization <= 1:
