@@ -42,14 +42,30 @@ def parse_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def default_dtype(device: torch.device, quantized: bool = False) -> torch.dtype:
+    """bf16 on CUDA (fp16 for GPTQ checkpoints, as the reference runs them), fp32 on the CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.float16 if quantized else torch.bfloat16
 
 
 # ----------------------------------------------------------------------------------------------- names and shapes
 
+OFFICIAL_QUANTIZED = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")  # GPTQ linears of a block
+INT32_SUFFIXES = (".qweight", ".qzeros", ".g_idx", ".qweight_planar", ".perm")
+
+
+def gptq_config(cfg: QwenConfig):
+    """The checkpoint's GPTQ settings, or None for an fp checkpoint (other quantization methods are refused)."""
+    if cfg.quantization_config is None:
+        return None
+    from .quant.gptq import read_quantize_config
+    return read_quantize_config(cfg.quantization_config)
+
+
 def official_shapes(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an official fp checkpoint and its shape ([out, in] for linears)."""
+    """Every tensor of an official checkpoint and its shape ([out, in] for linears; the AutoGPTQ tensors of each
+    quantized linear for a GPTQ checkpoint, see `optional_names` for the ones that may be absent)."""
     H, F, V = cfg.hidden_size, cfg.mlp_width, cfg.vocab_size
     shapes = {"transformer.wte.weight": (V, H), "transformer.ln_f.weight": (H,), "lm_head.weight": (V, H)}
     for i in range(cfg.num_hidden_layers):
@@ -60,19 +76,53 @@ def official_shapes(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:
         if not cfg.no_bias:
             shapes.update({p + "attn.c_proj.bias": (H,), p + "mlp.w1.bias": (F,), p + "mlp.w2.bias": (F,),
                            p + "mlp.c_proj.bias": (H,)})
+    g = gptq_config(cfg)
+    if g is None:
+        return shapes
+    pack = 32 // g.bits
+    for i in range(cfg.num_hidden_layers):
+        for lin in OFFICIAL_QUANTIZED:
+            p = f"transformer.h.{i}.{lin}."
+            N, K = shapes.pop(p + "weight")
+            shapes.pop(p + "bias", None)
+            groups = 1 if g.group_size == -1 else -(-K // g.group_size)
+            shapes.update({p + "qweight": (K // pack, N), p + "qzeros": (groups, -(-N // pack)),
+                           p + "scales": (groups, N), p + "g_idx": (K,), p + "bias": (N,)})
     return shapes
 
 
+def optional_names(cfg: QwenConfig) -> set[str]:
+    """GPTQ tensors a checkpoint may omit: g_idx (then i // group_size) and the zero biases of bias-less layers."""
+    if cfg.quantization_config is None:
+        return set()
+    return {n for n in official_shapes(cfg) if n.endswith(".g_idx") or
+            (n.endswith(".bias") and ".attn.c_attn." not in n)}
+
+
 def nanoqwen_shapes(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:
-    """The converted layout: official names, with mlp.w2 and mlp.w1 fused into mlp.w2_w1."""
+    """The converted layout: official names with mlp.w2 and mlp.w1 fused into mlp.w2_w1; GPTQ linears in the
+    planar layout of nanoqwen.quant.gptq (qweight_planar, scales, zeros, bias; perm for act-order)."""
     shapes = {}
     for name, shape in official_shapes(cfg).items():
         if ".mlp.w1." in name:
             continue
         if ".mlp.w2." in name:
             name = name.replace(".mlp.w2.", ".mlp.w2_w1.")
-            shape = (2 * shape[0],) + shape[1:]
+            shape = (2 * shape[0],) + shape[1:] if name.endswith((".weight", ".bias")) else shape
         shapes[name] = shape
+    g = gptq_config(cfg)
+    if g is None:
+        return shapes
+    from .quant.gptq import GPTQLinear
+    H, F = cfg.hidden_size, cfg.mlp_width
+    dims = {"attn.c_attn": (H, 3 * H), "attn.c_proj": (H, H), "mlp.w2_w1": (H, 2 * F), "mlp.c_proj": (F, H)}
+    for i in range(cfg.num_hidden_layers):
+        for lin, (K, N) in dims.items():
+            p = f"transformer.h.{i}.{lin}."
+            for n in [n for n in shapes if n.startswith(p)]:
+                del shapes[n]
+            empty = GPTQLinear(K, N, g.bits, g.group_size, bias=True, device="meta")
+            shapes.update({p + n: tuple(b.shape) for n, b in empty.named_buffers()})
     return shapes
 
 
@@ -131,9 +181,9 @@ def tensor_locations(folder: Path) -> tuple[dict[str, Path], dict[str, tuple[str
     return where, meta
 
 
-def check_tensors(meta: dict, expected: dict, folder: Path, what: str) -> None:
+def check_tensors(meta: dict, expected: dict, folder: Path, what: str, optional=frozenset()) -> None:
     names = {n for n in meta if not n.endswith(IGNORED_SUFFIXES)}
-    missing = sorted(set(expected) - names, key=_natural)
+    missing = sorted(set(expected) - names - set(optional), key=_natural)
     unexpected = sorted(names - set(expected), key=_natural)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -144,6 +194,11 @@ def check_tensors(meta: dict, expected: dict, folder: Path, what: str) -> None:
         raise CheckpointError(f"{folder}: unexpected tensor(s) in the {what}: {', '.join(unexpected[:5])}{more}. "
                               "Is this a Qwen (v1) checkpoint, and does config.json belong to these weights?")
     for name, shape in expected.items():
+        if name not in meta:
+            continue
+        if name.endswith(INT32_SUFFIXES) and meta[name][0] != "I32":
+            raise CheckpointError(f"{folder}: GPTQ tensor {name} is {meta[name][0]}, but packed GPTQ tensors are int32 "
+                                  "(a float cast corrupts them); re-download the checkpoint")
         if meta[name][1] != tuple(shape):
             raise CheckpointError(f"{folder}: tensor {name} has shape {list(meta[name][1])}, but config.json implies "
                                   f"{list(shape)}; the weights and config.json do not belong together")
@@ -157,33 +212,53 @@ def is_converted(folder: Path) -> bool:
     return (Path(folder) / FORMAT_FILE).is_file()
 
 
-def check_not_quantized(cfg: QwenConfig, folder: Path) -> None:
-    if cfg.quantization_config is not None:
-        method = cfg.quantization_config.get("quant_method", "gptq")
-        raise CheckpointError(f"{folder} is a {method.upper()} quantized checkpoint "
-                              f"({cfg.quantization_config.get('bits', '?')}-bit): GPTQ Int4/Int8 support has not landed "
-                              "in nanoqwen yet; use the bf16 checkpoint (e.g. Qwen/Qwen-7B-Chat) for now")
-
-
 # ----------------------------------------------------------------------------------------------- conversion
 
-def iter_official(folder: Path, cfg: QwenConfig, dtype: torch.dtype, device="cpu", desc="loading"):
-    """Yield (nanoqwen name, tensor) from an official folder, checked, cast to `dtype`, w2/w1 fused."""
+def iter_official(folder: Path, cfg: QwenConfig, dtype: torch.dtype | None, device="cpu", desc="loading"):
+    """Yield (nanoqwen name, tensor) from an official folder, checked, cast to `dtype` (None: as stored), w2/w1
+    fused; GPTQ linears repacked into GPTQLinear's planar buffers (never cast)."""
     where, meta = tensor_locations(folder)
-    check_tensors(meta, official_shapes(cfg), folder, "checkpoint")
-    total = sum(_nbytes(*meta[n]) for n in official_shapes(cfg))
+    expected = official_shapes(cfg)
+    check_tensors(meta, expected, folder, "checkpoint", optional_names(cfg))
+    total = sum(_nbytes(*meta[n]) for n in expected if n in meta)
     handles = {}
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=total < PROGRESS_MIN_BYTES)
 
-    def get(name):
+    def get(name, cast=True):
+        if name not in meta:
+            return None
         f = where[name]
         if f not in handles:
             handles[f] = safe_open(str(f), framework="pt", device=str(device))
         bar.update(_nbytes(*meta[name]))
         t = handles[f].get_tensor(name)
-        return t if dtype is None else t.to(dtype)
+        return t if dtype is None or not cast else t.to(dtype)
 
+    def gptq_linear(prefix):
+        from .quant.gptq import GPTQLinear
+        t = {k: get(prefix + k, cast=False) for k in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+        if t["bias"] is None:
+            t["bias"] = torch.zeros(t["scales"].shape[1], dtype=t["scales"].dtype, device=t["scales"].device)
+        return GPTQLinear.from_official(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], t["bias"], g.bits,
+                                        g.group_size)
+
+    g = gptq_config(cfg)
     try:
+        if g is not None:
+            from .quant.gptq import GPTQLinear
+            for i in range(cfg.num_hidden_layers):
+                p = f"transformer.h.{i}."
+                for name in ("ln_1.weight", "ln_2.weight"):
+                    yield p + name, get(p + name)
+                lins = {"attn.c_attn": gptq_linear(p + "attn.c_attn."), "attn.c_proj": gptq_linear(p + "attn.c_proj."),
+                        "mlp.w2_w1": GPTQLinear.cat([gptq_linear(p + "mlp.w2."), gptq_linear(p + "mlp.w1.")]),
+                        "mlp.c_proj": gptq_linear(p + "mlp.c_proj.")}
+                for lin, module in lins.items():
+                    for name, buf in module.named_buffers():
+                        yield f"{p}{lin}.{name}", buf
+            for name in ("transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight"):
+                yield name, get(name)
+            return
         for name in nanoqwen_shapes(cfg):
             if ".mlp.w2_w1." in name:
                 w2 = get(name.replace(".w2_w1.", ".w2."))
@@ -192,6 +267,15 @@ def iter_official(folder: Path, cfg: QwenConfig, dtype: torch.dtype, device="cpu
                 yield name, get(name)
     finally:
         bar.close()
+
+
+def _cast(name: str, t: torch.Tensor, dtype: torch.dtype | None, quantized: bool) -> torch.Tensor:
+    """Cast an fp tensor to the model dtype; GPTQ linears keep theirs (int32 words, fp16 scales, zeros and bias)."""
+    if dtype is None or t.dtype == torch.int32:
+        return t
+    if quantized and any(f".{lin}." in name for lin in ("attn.c_attn", "attn.c_proj", "mlp.w2_w1", "mlp.c_proj")):
+        return t
+    return t.to(dtype)
 
 
 def _nbytes(st_dtype: str, shape) -> int:
@@ -211,7 +295,7 @@ def convert(src, dst, dtype="bfloat16") -> Path:
     if is_converted(src):
         raise CheckpointError(f"{src} is already a nanoqwen folder; load it directly")
     cfg = QwenConfig.from_json(src)
-    check_not_quantized(cfg, src)
+    gptq_config(cfg)  # refuses quantization methods other than GPTQ
     dst.mkdir(parents=True, exist_ok=True)
     shard, shard_bytes, shards = {}, 0, []
     tmp, stored = [], dtype
@@ -253,8 +337,10 @@ def iter_converted(folder: Path, cfg: QwenConfig, dtype: torch.dtype, device="cp
         raise CheckpointError(f"{folder} was converted by a different nanoqwen version (format "
                               f"{marker.get('version')}, this one reads {FORMAT_VERSION}); convert the official "
                               "checkpoint again with convert_checkpoint.py")
+    quantized = cfg.quantization_config is not None
     where, meta = tensor_locations(folder)
-    check_tensors(meta, nanoqwen_shapes(cfg), folder, "converted checkpoint")
+    optional = {n for n in meta if n.endswith(".perm")}  # act-order GPTQ only
+    check_tensors(meta, {**nanoqwen_shapes(cfg), **{n: meta[n][1] for n in optional}}, folder, "converted checkpoint")
     total = sum(_nbytes(*m) for m in meta.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {folder.name}",
               disable=total < PROGRESS_MIN_BYTES) as bar:
@@ -263,7 +349,7 @@ def iter_converted(folder: Path, cfg: QwenConfig, dtype: torch.dtype, device="cp
                 for name in h.keys():
                     if name in meta and not name.endswith(IGNORED_SUFFIXES):
                         bar.update(_nbytes(*meta[name]))
-                        yield name, h.get_tensor(name).to(dtype)
+                        yield name, _cast(name, h.get_tensor(name), dtype, quantized)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -277,13 +363,16 @@ def load_model(path, device=None, dtype=None):
         raise CheckpointError(f"{folder} is not a folder: pass a Qwen checkpoint folder (official or converted by "
                               "convert_checkpoint.py)")
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = parse_dtype(dtype) or default_dtype(device)
     cfg = QwenConfig.from_json(folder)
-    check_not_quantized(cfg, folder)
+    g = gptq_config(cfg)
+    dtype = parse_dtype(dtype) or default_dtype(device, quantized=g is not None)
     tensors = iter_converted(folder, cfg, dtype, device) if is_converted(folder) else \
         iter_official(folder, cfg, dtype, device, desc=f"loading {folder.name}")
     with torch.device("meta"):
         model = Qwen(cfg)
+    if g is not None:
+        from .quant.gptq import swap_linears
+        swap_linears(model, g.bits, g.group_size, device="meta")
     model.load_state_dict(dict(tensors), strict=True, assign=True)
     model.rotary = type(model.rotary)(cfg.rotary_dim, cfg.rotary_emb_base).to(device)
     return model.eval().requires_grad_(False)
@@ -342,7 +431,7 @@ def cached_conversion(src: Path, progress: bool = True) -> Path:
     import hashlib
     src = src.resolve()
     cfg = QwenConfig.from_json(src)
-    check_not_quantized(cfg, src)
+    gptq_config(cfg)  # refuses quantization methods other than GPTQ
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in src.iterdir() if f.is_file())
     key = hashlib.sha1(repr((str(src), files)).encode()).hexdigest()[:12]
     dst = nanoqwen_home() / f"{src.name}-{key}"

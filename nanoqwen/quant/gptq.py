@@ -308,3 +308,21 @@ class GPTQLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}, act_order={self.perm is not None}")
+
+
+# ----------------------------------------------------------------------------------------------- model surgery
+
+QUANTIZED_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w2_w1", "mlp.c_proj")  # in nanoqwen's module names
+
+
+def swap_linears(model: nn.Module, bits: int, group_size: int, device=None) -> nn.Module:
+    """Replace the quantized linears of every block by empty GPTQLinear modules (gpt-fast style: quantization is a
+    swap of modules; `load_state_dict` then fills them). Embedding, norms and lm_head stay as they are."""
+    for block in model.transformer.h:
+        for path in QUANTIZED_LINEARS:
+            parent_name, name = path.split(".")
+            parent = getattr(block, parent_name)
+            lin = getattr(parent, name)
+            setattr(parent, name, GPTQLinear(lin.in_features, lin.out_features, bits, group_size, bias=True,
+                                             device=device or lin.weight.device))
+    return model
