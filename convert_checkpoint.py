@@ -10,8 +10,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("src", help="official checkpoint folder (config.json, *.safetensors, qwen.tiktoken)")
     p.add_argument("dst", help="output folder")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="dtype of the converted weights (default: bfloat16, the dtype Qwen was released in)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the converted fp weights (default: keep the checkpoint's own: bfloat16 for Qwen, "
+                        "float16 for the GPTQ ones, whose packed weights and fp16 scales are never cast)")
     args = p.parse_args(argv)
     from nanoqwen.checkpoint import CheckpointError, convert
     from nanoqwen.config import ConfigError

@@ -285,7 +285,7 @@ def _nbytes(st_dtype: str, shape) -> int:
     return n
 
 
-def convert(src, dst, dtype="bfloat16") -> Path:
+def convert(src, dst, dtype=None) -> Path:
     """Convert an official Qwen checkpoint folder into a nanoqwen folder (weights cast to `dtype`; None keeps the
     checkpoint's own dtype)."""
     src, dst = Path(src), Path(dst)
