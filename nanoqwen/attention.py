@@ -15,6 +15,8 @@ import torch
 from .kernels.flash_attention import flash_attn_varlen_ref
 from .kernels.kv_store import store_kv_ref
 from .kernels.paged_attention import paged_attention_ref
+from .kv_cache import LayerCache
+from .quant.kv_int8 import store_kv_int8_ref
 
 
 @dataclass
@@ -51,36 +53,40 @@ def use_triton(device: torch.device) -> bool:
     return mode == "triton"
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    if use_triton(k.device):
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv: LayerCache, meta: AttentionMetadata, triton: bool) -> None:
+    """Write the step's K, V into their slots (quantizing them for the int8 cache)."""
+    if kv.quant_mode is not None:
+        store_kv_int8_ref(k, v, kv, meta.slot_mapping, kv.quant_mode, meta.cu_seqlens_q)
+    elif triton:
         from .kernels.kv_store import store_kv as kernel
-        kernel(k, v, k_cache, v_cache, slot_mapping)
+        kernel(k, v, kv.k, kv.v, meta.slot_mapping)
     else:
-        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+        store_kv_ref(k, v, kv.k, kv.v, meta.slot_mapping)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
-              kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """q, k, v [T, heads, head_dim] (RoPE and LogN applied) -> [T, heads, head_dim]. Stores k, v in `kv` first."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, kv: LayerCache | None,
+              logn: torch.Tensor | None = None) -> torch.Tensor:
+    """q, k, v [T, heads, head_dim] (RoPE applied) -> [T, heads, head_dim]. With a cache, k and v are stored first
+    and every key is then read from the cache (the new ones too). `logn` [T] scales each query row (LogN)."""
     scale = q.shape[-1] ** -0.5
-    triton = use_triton(q.device)
+    triton = use_triton(q.device) and (kv is None or kv.quant_mode is None)
     if kv is None:
         if triton:
             from .kernels.flash_attention import flash_attn_varlen
-            return flash_attn_varlen(q, k, v, meta.cu_seqlens_q, meta.max_seqlen_q, scale)
-        return flash_attn_varlen_ref(q, k, v, meta.cu_seqlens_q, scale)
-    k_cache, v_cache = kv
-    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            return flash_attn_varlen(q, k, v, meta.cu_seqlens_q, meta.max_seqlen_q, scale, logn=logn)
+        return flash_attn_varlen_ref(q, k, v, meta.cu_seqlens_q, scale, logn=logn)
+    store_kv(k, v, kv, meta, triton)
+    quant = dict(k_scale=kv.k_scale, k_zero=kv.k_zero, v_scale=kv.v_scale, v_zero=kv.v_zero) if kv.quant_mode else {}
     if meta.is_decode:
         if triton:
             from .kernels.paged_attention import paged_attention
-            return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
-                                   meta.max_context_len)
-        return paged_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+            return paged_attention(q, kv.k, kv.v, meta.block_tables, meta.context_lens, scale, meta.max_context_len,
+                                   logn=logn)
+        return paged_attention_ref(q, kv.k, kv.v, meta.block_tables, meta.context_lens, scale, logn=logn, **quant)
     if triton:
         from .kernels.flash_attention import flash_attn_varlen
-        return flash_attn_varlen(q, k, v, meta.cu_seqlens_q, meta.max_seqlen_q, scale, k_cache=k_cache,
-                                 v_cache=v_cache, block_tables=meta.block_tables, context_lens=meta.context_lens,
-                                 max_context_len=meta.max_context_len)
-    return flash_attn_varlen_ref(q, k, v, meta.cu_seqlens_q, scale, k_cache=k_cache, v_cache=v_cache,
-                                 block_tables=meta.block_tables, context_lens=meta.context_lens)
+        return flash_attn_varlen(q, k, v, meta.cu_seqlens_q, meta.max_seqlen_q, scale, k_cache=kv.k, v_cache=kv.v,
+                                 block_tables=meta.block_tables, context_lens=meta.context_lens,
+                                 max_context_len=meta.max_context_len, logn=logn)
+    return flash_attn_varlen_ref(q, k, v, meta.cu_seqlens_q, scale, k_cache=kv.k, v_cache=kv.v,
+                                 block_tables=meta.block_tables, context_lens=meta.context_lens, logn=logn, **quant)

@@ -77,6 +77,8 @@ class LLM:
 
     `ckpt`: a name (`qwen-7b-chat`, ...), a Hugging Face repo id, an official checkpoint folder or a converted one.
     `ckpt` may also be a `Qwen` model already built, with `tokenizer=` a `Tokenizer` or a folder holding qwen.tiktoken.
+    `kv_cache_dtype="int8"` stores K and V as uint8 with a scale and zero per (token, head): half the memory;
+    `kv_quant_mode="qwen"` reproduces the reference's `use_cache_quantization` exactly (nanoqwen.quant.kv_int8).
     KV cache size: `num_kv_blocks` blocks of `block_size` tokens if given; else on CUDA a `gpu_memory_utilization`
     fraction of the GPU memory left after the weights and a profiled forward; on the CPU `cpu_kv_cache_gib` GiB.
     """
@@ -84,7 +86,8 @@ class LLM:
     def __init__(self, ckpt, device=None, dtype=None, *, block_size: int = 16, num_kv_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, cpu_kv_cache_gib: float = 0.5, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, max_model_len: int = 32768, enable_prefix_caching: bool = True,
-                 progress: bool = True, tokenizer=None):
+                 kv_cache_dtype: str | None = None, kv_quant_mode: str = "default", progress: bool = True,
+                 tokenizer=None):
         if isinstance(ckpt, Qwen):  # an already built model (benchmarks, research code); tokenizer= names its vocab
             self.model, folder = ckpt, None
             self.device, self.dtype = ckpt.device, ckpt.dtype
@@ -112,14 +115,17 @@ class LLM:
         self.block_size, self.max_num_seqs = block_size, max_num_seqs
         self.max_num_batched_tokens, self.max_model_len = max_num_batched_tokens, max_model_len
         cfg = self.config
+        self.kv_cache_dtype = None if kv_cache_dtype in (None, "auto") else kv_cache_dtype
         if num_kv_blocks is None:
             num_kv_blocks = self._auto_num_blocks(gpu_memory_utilization, cpu_kv_cache_gib)
         if num_kv_blocks < 1:
             raise ValueError(f"the KV cache got {num_kv_blocks} blocks: there is no memory left for it; lower "
                              "max_num_batched_tokens, raise gpu_memory_utilization or pass num_kv_blocks")
         self.kv_cache = KVCache(cfg.num_hidden_layers, num_kv_blocks, block_size, cfg.num_attention_heads,
-                                cfg.head_dim, self.dtype, self.device)
-        self.blocks = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
+                                cfg.head_dim, self.dtype, self.device, kv_cache_dtype, kv_quant_mode)
+        # "qwen" int8 mode quantizes whatever chunk a step writes as one unit, so a shared prefix block would carry
+        # another request's chunking: prefix caching is off there to keep outputs independent of other requests
+        self.blocks = BlockManager(num_kv_blocks, block_size, enable_prefix_caching and kv_quant_mode != "qwen")
         self.sampler = Sampler()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last one is preempted first
@@ -134,7 +140,7 @@ class LLM:
     def _auto_num_blocks(self, utilization: float, cpu_gib: float) -> int:
         cfg = self.config
         per_block = KVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim,
-                                            self.dtype) * self.block_size
+                                            self.dtype, self.kv_cache_dtype) * self.block_size
         useful = self.max_num_seqs * -(-self.max_model_len // self.block_size)
         if self.device.type != "cuda":
             return max(1, min(int(cpu_gib * (1 << 30)) // per_block, useful))

@@ -31,7 +31,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, help="make sampling reproducible")
     p.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                   help="default: bfloat16 on CUDA, float32 on the CPU")
+                   help="default: bfloat16 on CUDA (float16 for GPTQ checkpoints), float32 on the CPU")
+    p.add_argument("--kv-cache", choices=["auto", "int8"], default="auto",
+                   help="int8: store K/V as uint8 with per (token, head) scales, half the memory (default: auto, "
+                        "the model dtype)")
+    p.add_argument("--kv-quant-mode", choices=["default", "qwen"], default="default",
+                   help="int8 cache rounding: default (per token and head, rounded) or qwen (the reference's "
+                        "chunk-wide truncation, for parity)")
     return p.parse_args(argv)
 
 
@@ -114,7 +120,8 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from .engine import LLM
     try:
-        llm = LLM(args.ckpt, device=args.device, dtype=args.dtype)
+        llm = LLM(args.ckpt, device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache,
+                  kv_quant_mode=args.kv_quant_mode)
         params = sampling_params(llm, args)
         if args.prompt is None:
             interactive(llm, args, params)

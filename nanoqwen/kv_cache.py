@@ -1,25 +1,62 @@
 """Paged KV cache: K and V storage per layer in blocks of `block_size` tokens."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
+class LayerCache(NamedTuple):
+    """One layer's view of the cache: k, v [num_blocks, block_size, heads, head_dim]; for the int8 cache k, v are
+    uint8 and each (slot, head) has a scale and a zero point: x = scale * (q - zero) (nanoqwen.quant.kv_int8)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    k_zero: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+    v_zero: torch.Tensor | None = None
+    quant_mode: str | None = None  # None (model-dtype cache), "default" or "qwen"
+
+
 class KVCache:
-    """k[layer], v[layer]: [num_blocks, block_size, num_heads, head_dim]. A token's slot is block * block_size + offset."""
+    """k[layer], v[layer]: [num_blocks, block_size, num_heads, head_dim]. A token's slot is block * block_size + offset.
+    With `kv_cache_dtype="int8"` the values are uint8 with per (slot, head) scales and zeros beside them."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_heads: int, head_dim: int,
-                 dtype: torch.dtype, device):
+                 dtype: torch.dtype, device, kv_cache_dtype: str | None = None, quant_mode: str = "default"):
+        from .quant.kv_int8 import MODES, scale_dtype
         shape = (num_layers, num_blocks, block_size, num_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if kv_cache_dtype not in (None, "auto", "int8"):
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: use None (the model dtype) or 'int8'")
+        if quant_mode not in MODES:
+            raise ValueError(f"kv_quant_mode {quant_mode!r}: use one of {', '.join(MODES)}")
+        self.quantized = kv_cache_dtype == "int8"
+        self.quant_mode = quant_mode if self.quantized else None
+        store = torch.uint8 if self.quantized else dtype
+        self.k = torch.zeros(shape, dtype=store, device=device)
+        self.v = torch.zeros(shape, dtype=store, device=device)
+        if self.quantized:
+            sdt = scale_dtype(dtype)
+            self.k_scale, self.k_zero, self.v_scale, self.v_zero = (
+                torch.zeros(shape[:4], dtype=sdt, device=device) for _ in range(4))
         self.num_blocks, self.block_size = num_blocks, block_size
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[i], self.v[i]
+    def layer(self, i: int) -> LayerCache:
+        if not self.quantized:
+            return LayerCache(self.k[i], self.v[i])
+        return LayerCache(self.k[i], self.v[i], self.k_scale[i], self.k_zero[i], self.v_scale[i], self.v_zero[i],
+                          self.quant_mode)
 
     @staticmethod
-    def bytes_per_token(num_layers: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_token(num_layers: int, num_heads: int, head_dim: int, dtype: torch.dtype,
+                        kv_cache_dtype: str | None = None) -> int:
+        """K and V bytes of one token over all layers (int8: one byte per value plus scale and zero per head)."""
+        if kv_cache_dtype == "int8":
+            from .quant.kv_int8 import scale_dtype
+            per_head = head_dim + 2 * torch.empty((), dtype=scale_dtype(dtype)).element_size()
+        else:
+            per_head = head_dim * torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * num_heads * per_head
 
 
 class BlockManager:

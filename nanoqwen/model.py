@@ -39,9 +39,7 @@ class Attention(nn.Module):
         T = x.shape[0]
         q, k, v = self.c_attn(x).view(T, 3, self.n_head, self.head_dim).unbind(1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # keys are cached rotated, without LogN
-        if logn is not None:
-            q = q * logn[:, None, None].to(q.dtype)
-        o = attention(q, k, v, meta, kv)
+        o = attention(q, k, v, meta, kv, logn)  # LogN scales the queries inside (fused into the kernels)
         return self.c_proj(o.reshape(T, -1))
 
 

@@ -12,22 +12,31 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..quant.kv_int8 import dequantize
+
 LOG2E = 1.4426950408889634  # the kernel works in base 2: exp(x) = exp2(x * log2(e))
 
 
-def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` tokens of one sequence from a paged cache [num_blocks, block_size, heads, head_dim]."""
-    n_blocks = -(-length // cache.shape[1])
-    return cache[block_table[:n_blocks].long()].flatten(0, 1)[:length]
+def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int, scale: torch.Tensor | None = None,
+                 zero: torch.Tensor | None = None) -> torch.Tensor:
+    """The first `length` tokens of one sequence from a paged cache [num_blocks, block_size, heads, head_dim];
+    an int8 cache (uint8 values with `scale` and `zero` [num_blocks, block_size, heads]) comes back dequantized."""
+    blocks = block_table[:-(-length // cache.shape[1])].long()
+    x = cache[blocks].flatten(0, 1)[:length]
+    if scale is None:
+        return x
+    return dequantize(x, scale[blocks].flatten(0, 1)[:length], zero[blocks].flatten(0, 1)[:length], scale.dtype)
 
 
 def flash_attn_varlen_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
                           k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
                           block_tables: torch.Tensor | None = None,
-                          context_lens: torch.Tensor | None = None, logn: torch.Tensor | None = None) -> torch.Tensor:
+                          context_lens: torch.Tensor | None = None, logn: torch.Tensor | None = None,
+                          k_scale=None, k_zero=None, v_scale=None, v_zero=None) -> torch.Tensor:
     """Torch reference: q, k, v [T, heads, head_dim] -> out [T, heads, head_dim]; softmax and sums in fp32.
 
     `logn` [T] (optional, fp32): LogN factor of every query row, multiplied into q in q's dtype first.
+    `k_scale`... (optional): the int8 cache's scales and zeros; cached keys and values are dequantized as read.
     """
     if logn is not None:
         q = q * logn[:, None, None].to(q.dtype)
@@ -46,7 +55,8 @@ def flash_attn_varlen_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
         if block_tables is None:
             ks, vs = k[a:b], v[a:b]
         else:
-            ks, vs = gather_paged(k_cache, block_tables[i], ctx[i]), gather_paged(v_cache, block_tables[i], ctx[i])
+            ks = gather_paged(k_cache, block_tables[i], ctx[i], k_scale, k_zero)
+            vs = gather_paged(v_cache, block_tables[i], ctx[i], v_scale, v_zero)
         n_q, n_k = b - a, ks.shape[0]
         mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(diagonal=n_k - n_q)
         o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1).float(), ks.transpose(0, 1).float(),

@@ -12,21 +12,30 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant.kv_int8 import dequantize
+
 LOG2E = 1.4426950408889634
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                        context_lens: torch.Tensor, scale: float, logn: torch.Tensor | None = None) -> torch.Tensor:
+                        context_lens: torch.Tensor, scale: float, logn: torch.Tensor | None = None,
+                        k_scale=None, k_zero=None, v_scale=None, v_zero=None) -> torch.Tensor:
     """Torch reference: q [B, heads, head_dim] -> out [B, heads, head_dim]; fp32 softmax and sums.
 
     Gathers every sequence's blocks into one padded [B, max_blocks * block_size] batch and masks the tail.
     `logn` [B] (optional, fp32): LogN factor of every query, multiplied into q in q's dtype first.
+    `k_scale`... (optional): the int8 cache's scales and zeros [num_blocks, block_size, heads].
     """
     if logn is not None:
         q = q * logn[:, None, None].to(q.dtype)
     B, H, D = q.shape
-    k = k_cache[block_tables.long()].flatten(1, 2).float()  # [B, S, H, D]
-    v = v_cache[block_tables.long()].flatten(1, 2).float()
+    bt = block_tables.long()
+    k = k_cache[bt].flatten(1, 2)  # [B, S, H, D]
+    v = v_cache[bt].flatten(1, 2)
+    if k_scale is not None:  # int8 cache: dequantize what was gathered
+        k = dequantize(k, k_scale[bt].flatten(1, 2), k_zero[bt].flatten(1, 2), k_scale.dtype)
+        v = dequantize(v, v_scale[bt].flatten(1, 2), v_zero[bt].flatten(1, 2), v_scale.dtype)
+    k, v = k.float(), v.float()
     scores = torch.einsum("bhd,bshd->bhs", q.float(), k) * scale
     valid = torch.arange(k.shape[1], device=q.device)[None, :] < context_lens[:, None]
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
