@@ -72,6 +72,73 @@ class Sequence:
         return self.token_ids[self.num_prompt:]
 
 
+class DecodeGraphs:
+    """The decode step in CUDA graphs: one graph per batch-size bucket, captured on first use, over static buffers.
+
+    A decode batch of b sequences is padded to the next bucket (pad rows: slot -1, context length 0, logits ignored),
+    its metadata copied into the static buffers, and the bucket's graph replayed; attention launches a grid fixed by
+    the static `max_context_len`. On the CPU (or when capture fails) the same padded static path runs eagerly, which
+    is how the tests check it.
+    """
+
+    def __init__(self, llm: "LLM", capture: bool):
+        self.llm, self.capture = llm, capture
+        n, dev = llm.max_num_seqs, llm.device
+        self.buckets = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if b < n} | {n})
+        self.max_blocks = -(-llm.max_model_len // llm.block_size)
+        self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        self.ntk = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slots = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
+        self.context_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None
+
+    def _meta(self, b: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            cu_seqlens_q=torch.arange(b + 1, dtype=torch.int32, device=self.tokens.device), max_seqlen_q=1,
+            positions=self.positions[:b], ntk_index=self.ntk[:b], slot_mapping=self.slots[:b],
+            block_tables=self.block_tables[:b], context_lens=self.context_lens[:b],
+            max_context_len=self.max_blocks * self.llm.block_size, is_decode=True, logits_indices=None)
+
+    def _forward(self, b: int) -> torch.Tensor:
+        return self.llm.model(self.tokens[:b], self._meta(b), self.llm.kv_cache)
+
+    def run(self, tokens: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        b = tokens.shape[0]
+        bucket = next(x for x in self.buckets if x >= b)
+        self.slots[b:bucket].fill_(-1)
+        self.context_lens[b:bucket].zero_()
+        for static, value in ((self.tokens, tokens), (self.positions, meta.positions), (self.ntk, meta.ntk_index),
+                              (self.slots, meta.slot_mapping), (self.context_lens, meta.context_lens)):
+            static[:b].copy_(value)
+        self.block_tables[:b, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+        if not self.capture:
+            return self._forward(bucket)[:b]
+        if bucket not in self.graphs:
+            try:
+                self.graphs[bucket] = self._capture(bucket)
+            except Exception as e:  # never fail a request because a graph could not be captured
+                import warnings
+                warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding without graphs")
+                self.capture = False
+                return self._forward(bucket)[:b]
+        graph, out = self.graphs[bucket]
+        graph.replay()
+        return out[:b]
+
+    def _capture(self, bucket: int):
+        with torch.no_grad():
+            self._forward(bucket)  # compile every kernel variant before capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._forward(bucket)
+            self.pool = graph.pool()
+        return graph, out
+
+
 class LLM:
     """A Qwen model with its tokenizer, a paged KV cache and a continuous-batching scheduler.
 
@@ -79,6 +146,8 @@ class LLM:
     `ckpt` may also be a `Qwen` model already built, with `tokenizer=` a `Tokenizer` or a folder holding qwen.tiktoken.
     `kv_cache_dtype="int8"` stores K and V as uint8 with a scale and zero per (token, head): half the memory;
     `kv_quant_mode="qwen"` reproduces the reference's `use_cache_quantization` exactly (nanoqwen.quant.kv_int8).
+    `cuda_graphs` (default: on CUDA) runs decode steps as CUDA graphs per batch-size bucket; True on the CPU runs the
+    same padded static path without capture (for tests).
     KV cache size: `num_kv_blocks` blocks of `block_size` tokens if given; else on CUDA a `gpu_memory_utilization`
     fraction of the GPU memory left after the weights and a profiled forward; on the CPU `cpu_kv_cache_gib` GiB.
     """
@@ -86,8 +155,8 @@ class LLM:
     def __init__(self, ckpt, device=None, dtype=None, *, block_size: int = 16, num_kv_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, cpu_kv_cache_gib: float = 0.5, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, max_model_len: int = 32768, enable_prefix_caching: bool = True,
-                 kv_cache_dtype: str | None = None, kv_quant_mode: str = "default", progress: bool = True,
-                 tokenizer=None):
+                 kv_cache_dtype: str | None = None, kv_quant_mode: str = "default", cuda_graphs: bool | None = None,
+                 progress: bool = True, tokenizer=None):
         if isinstance(ckpt, Qwen):  # an already built model (benchmarks, research code); tokenizer= names its vocab
             self.model, folder = ckpt, None
             self.device, self.dtype = ckpt.device, ckpt.dtype
@@ -135,6 +204,9 @@ class LLM:
         self.num_preemptions = 0
         self._seen: torch.Tensor | None = None  # [max_num_seqs, vocab] bool, rows handed to running sequences
         self._free_seen_rows = list(range(max_num_seqs))[::-1]
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        self.graphs = DecodeGraphs(self, capture=self.device.type == "cuda") if cuda_graphs else None
 
     # ------------------------------------------------------------------------------------------------ sizing
     def _auto_num_blocks(self, utilization: float, cpu_gib: float) -> int:
@@ -307,7 +379,10 @@ class LLM:
             return outputs
         tokens, meta, to_sample = self._prepare(batch)
         with torch.no_grad():
-            logits = self.model(tokens, meta, self.kv_cache)
+            if self.graphs is not None and meta.is_decode:
+                logits = self.graphs.run(tokens, meta)
+            else:
+                logits = self.model(tokens, meta, self.kv_cache)
         for seq, n in batch:
             seq.num_computed += n
             self.blocks.register(seq.block_table, seq.token_ids, seq.prefix_hashes, seq.num_computed)

@@ -196,3 +196,14 @@ def test_errors(small_ckpt):
         base = make(small_ckpt)
         base.chat_format = "raw"
         base.chat("hi")
+
+
+def test_static_decode_path(small_ckpt):
+    """The CUDA-graph decode path (padded to a bucket, static buffers, static max_context_len) runs eagerly on the
+    CPU and gives the same tokens as the plain path, for batch sizes that are not buckets."""
+    ps = prompts(5, 1, 50, 21)
+    params = params_mix(5, 22)
+    plain = make(small_ckpt, cuda_graphs=False).generate(ps, params)
+    llm = make(small_ckpt, cuda_graphs=True, max_num_seqs=8, max_model_len=128)
+    assert llm.graphs is not None and not llm.graphs.capture and llm.graphs.buckets == [1, 2, 4, 8]
+    assert [o.token_ids for o in llm.generate(ps, params)] == [o.token_ids for o in plain]
