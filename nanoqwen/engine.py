@@ -21,7 +21,7 @@ import torch
 
 from .attention import AttentionMetadata
 from .chat import DEFAULT_SYSTEM, make_context, stop_token_ids
-from .checkpoint import default_dtype, load_model, parse_dtype, resolve_checkpoint
+from .checkpoint import load_model, resolve_checkpoint
 from .kv_cache import BlockManager, KVCache
 from .model import Qwen
 from .rope import ntk_index
@@ -162,10 +162,8 @@ class LLM:
             self.device, self.dtype = ckpt.device, ckpt.dtype
         else:
             folder = resolve_checkpoint(ckpt, progress=progress)
-            self.device = torch.device(device) if device is not None else torch.device(
-                "cuda" if torch.cuda.is_available() else "cpu")
-            self.dtype = parse_dtype(dtype) or default_dtype(self.device)
-            self.model = load_model(folder, self.device, self.dtype)
+            self.model = load_model(folder, device, dtype)  # default dtype: bf16 on CUDA (fp16 for GPTQ), fp32 CPU
+            self.device, self.dtype = self.model.device, self.model.dtype
         self.config = self.model.config
         if isinstance(tokenizer, Tokenizer):
             self.tokenizer = tokenizer
@@ -220,8 +218,10 @@ class LLM:
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
         n = min(self.max_num_batched_tokens, self.max_model_len)
-        with torch.no_grad():  # profile the largest prefill the scheduler can build
-            self.model(torch.zeros(1, n, dtype=torch.long, device=self.device))
+        meta = AttentionMetadata.for_prefill([n], self.device, [0], logits_indices=torch.tensor([n - 1],
+                                                                                                device=self.device))
+        with torch.no_grad():  # profile the largest prefill the scheduler can build (logits of its last row only)
+            self.model(torch.zeros(n, dtype=torch.long, device=self.device), meta)
         torch.cuda.synchronize(self.device)
         activations = torch.cuda.max_memory_allocated(self.device) - before
         free, total = torch.cuda.mem_get_info(self.device)
@@ -397,18 +397,21 @@ class LLM:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[RequestOutput]:
         params = [s.params for s in seqs]
-        rows = torch.tensor([s.seen_row for s in seqs], device=self.device)
         penalty = any(p.repetition_penalty != 1.0 for p in params)
-        state = SamplingTensors.from_params(params, self.device, seeds=[s.seed for s in seqs],
-                                            steps=[s.num_output for s in seqs],
-                                            seen=self._seen_rows()[rows] if penalty else None)
-        out = self.sampler(logits, state)
-        if penalty:
-            self._seen[rows, out.next_ids] = True
-        next_ids = out.next_ids.tolist()  # the one host sync of a step: the stop check needs the tokens
         lp = None
-        if state.num_logprobs is not None:
-            lp = (out.chosen_logprobs.tolist(), out.top_logprobs.tolist(), out.top_ids.tolist())
+        if all(p.greedy and p.logprobs is None for p in params) and not penalty:
+            next_ids = logits.argmax(-1).tolist()  # plain greedy: no sampler state to build
+        else:
+            rows = torch.tensor([s.seen_row for s in seqs], device=self.device)
+            state = SamplingTensors.from_params(params, self.device, seeds=[s.seed for s in seqs],
+                                                steps=[s.num_output for s in seqs],
+                                                seen=self._seen_rows()[rows] if penalty else None)
+            out = self.sampler(logits, state)
+            if penalty:
+                self._seen[rows, out.next_ids] = True
+            next_ids = out.next_ids.tolist()  # the one host sync of a step: the stop check needs the tokens
+            if state.num_logprobs is not None:
+                lp = (out.chosen_logprobs.tolist(), out.top_logprobs.tolist(), out.top_ids.tolist())
         now = time.perf_counter()
         outputs = []
         for i, (seq, tok) in enumerate(zip(seqs, next_ids)):
