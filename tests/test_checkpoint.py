@@ -171,3 +171,13 @@ def test_dtypes(ckpt):
         assert out.dtype == dtype and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="unknown dtype"):
         Qwen.from_pretrained(ckpt, device="cpu", dtype="float8")
+
+
+def test_progress_bar_on_large_checkpoints(ckpt, tmp_path, monkeypatch, capsys):
+    """Conversion and loading show a progress bar on stderr for checkpoints above the size threshold."""
+    import nanoqwen.checkpoint as ck
+    monkeypatch.setattr(ck, "PROGRESS_MIN_BYTES", 0)
+    convert(ckpt, tmp_path / "conv")
+    assert "converting official" in capsys.readouterr().err
+    Qwen.from_pretrained(tmp_path / "conv", device="cpu")
+    assert "loading conv" in capsys.readouterr().err
