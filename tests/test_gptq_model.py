@@ -84,3 +84,18 @@ def test_unsupported_quantization_refused(golden, tmp_path):
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="bits = 3: nanoqwen supports 4 and 8 bits"):
         Qwen.from_pretrained(dst, device="cpu")
+
+
+def test_forward_through_kernels(gptq, monkeypatch):
+    """The whole GPTQ model through the Triton kernels (interpreter on the CPU): GEMV rows and GEMM prefill."""
+    bits, official, converted, ref, tensors = gptq
+    monkeypatch.setenv("NANOQWEN_KERNELS", "triton")
+    model = Qwen.from_pretrained(converted, device="cpu", dtype=torch.float32)
+    case = ref["cases"]["gptq/forward/text"]
+    with torch.no_grad():
+        logits = model(torch.tensor([case["input_ids"]]))[0]
+    torch.testing.assert_close(logits[case["positions"]], tensors["gptq/forward/text/logits"], atol=1e-4, rtol=0)
+    assert logits.argmax(-1).tolist() == case["argmax"]
+    with torch.no_grad():  # 1 row: the GEMV path
+        one = model(torch.tensor([case["input_ids"][:1]]))[0, 0]
+    torch.testing.assert_close(one, logits[0], atol=1e-4, rtol=0)
