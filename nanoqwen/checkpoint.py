@@ -297,7 +297,7 @@ def convert(src, dst, dtype=None) -> Path:
     cfg = QwenConfig.from_json(src)
     gptq_config(cfg)  # refuses quantization methods other than GPTQ
     dst.mkdir(parents=True, exist_ok=True)
-    shard, shard_bytes, shards = {}, 0, []
+    shard, shard_bytes = {}, 0
     tmp, stored = [], dtype
     for name, t in iter_official(src, cfg, dtype, desc=f"converting {src.name}"):
         stored = stored or t.dtype

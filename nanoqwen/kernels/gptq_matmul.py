@@ -31,12 +31,13 @@ Both accumulate in fp32 and write x's dtype (fp32, fp16, bf16). `gptq_matmul_ref
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from . import use_triton  # noqa: F401  (re-exported: quant.gptq picks the path with it)
 
 GEMV_MAX_ROWS = 64  # at or below this many rows the split-K kernel runs; above it the tiled GEMM
 _PLANE = 16  # rows per plane: tl.dot's smallest K
@@ -107,14 +108,6 @@ def gptq_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     """Torch reference: dequantize (fp32, then x's dtype) and F.linear. x [..., K] -> [..., N] in x's dtype."""
     w = dequantize_planar(qweight, scales, zeros, perm, bits, group_size, x.shape[-1]).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-
-
-def use_triton(device: torch.device) -> bool:
-    """CUDA runs the kernels, other devices the reference; NANOQWEN_KERNELS=torch|triton forces either."""
-    mode = os.environ.get("NANOQWEN_KERNELS", "auto").lower()
-    if mode not in ("auto", "torch", "triton"):
-        raise ValueError(f"NANOQWEN_KERNELS={mode!r}: use 'torch', 'triton' or leave it unset")
-    return device.type == "cuda" if mode == "auto" else mode == "triton"
 
 
 def kernel_supports(group_size: int) -> bool:
