@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator, Sequence as Seq
 
 import torch
+from tqdm.auto import tqdm
 
 from .attention import AttentionMetadata
 from .chat import DEFAULT_SYSTEM, make_context, stop_token_ids
@@ -146,6 +147,7 @@ class LLM:
     `ckpt` may also be a `Qwen` model already built, with `tokenizer=` a `Tokenizer` or a folder holding qwen.tiktoken.
     `kv_cache_dtype="int8"` stores K and V as uint8 with a scale and zero per (token, head): half the memory;
     `kv_quant_mode="qwen"` reproduces the reference's `use_cache_quantization` exactly (nanoqwen.quant.kv_int8).
+    `progress` shows progress bars (conversion, loading, `generate` of 8 or more prompts) on stderr.
     `cuda_graphs` (default: on CUDA) runs decode steps as CUDA graphs per batch-size bucket; True on the CPU runs the
     same padded static path without capture (for tests).
     KV cache size: `num_kv_blocks` blocks of `block_size` tokens if given; else on CUDA a `gpu_memory_utilization`
@@ -164,7 +166,7 @@ class LLM:
             folder = resolve_checkpoint(ckpt, progress=progress)
             self.model = load_model(folder, device, dtype)  # default dtype: bf16 on CUDA (fp16 for GPTQ), fp32 CPU
             self.device, self.dtype = self.model.device, self.model.dtype
-        self.config = self.model.config
+        self.config, self.progress = self.model.config, progress
         if isinstance(tokenizer, Tokenizer):
             self.tokenizer = tokenizer
         else:
@@ -487,10 +489,12 @@ class LLM:
             raise
         results = {}
         wanted = set(ids)
-        while wanted - results.keys():
-            for out in self.step():
-                if out.finished and out.request_id in wanted:
-                    results[out.request_id] = out
+        with tqdm(total=len(ids), desc="generating", unit="req", disable=not self.progress or len(ids) < 8) as bar:
+            while wanted - results.keys():
+                for out in self.step():
+                    if out.finished and out.request_id in wanted:
+                        results[out.request_id] = out
+                        bar.update(1)
         outs = [results[i] for i in ids]
         return outs[0] if single else outs
 
