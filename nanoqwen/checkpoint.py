@@ -440,7 +440,8 @@ def cached_conversion(src: Path, progress: bool = True) -> Path:
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if progress:
-        print(f"converting {src} into {dst} (once)", flush=True)
+        import sys
+        print(f"converting {src} into {dst} (once)", file=sys.stderr, flush=True)
     convert(src, tmp, dtype=None)
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
