@@ -318,14 +318,21 @@ class LLM:
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         budget, batch, preempted = self.max_num_batched_tokens, [], False
-        for seq in list(self.running):
+        # decodes first (one token each, steady inter-token latency), then the next chunks of running prefills
+        order = sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed > 1)
+        for seq in order:
             if seq.status != RUNNING or budget == 0:
                 continue
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             while not self.blocks.grow(seq.block_table, seq.num_computed + n):
-                victim = self.running[-1]
+                victim = self.running[-1]  # the most recently admitted, even if already scheduled this step
                 self._preempt(victim)
                 preempted = True
+                for i, (s, k) in enumerate(batch):
+                    if s is victim:
+                        del batch[i]
+                        budget += k
+                        break
                 if victim is seq:
                     break
             if seq.status == RUNNING:
