@@ -7,11 +7,11 @@ variable NANOQWEN_KERNELS=torch|triton forces either (triton on the CPU needs TR
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from .kernels import use_triton
 from .kernels.flash_attention import flash_attn_varlen_ref
 from .kernels.kv_store import store_kv_ref
 from .kernels.paged_attention import paged_attention_ref
@@ -44,19 +44,14 @@ class AttentionMetadata:
                    ntk_index=ntk.to(device), **cache_fields)
 
 
-def use_triton(device: torch.device) -> bool:
-    mode = os.environ.get("NANOQWEN_KERNELS", "auto").lower()
-    if mode not in ("auto", "torch", "triton"):
-        raise ValueError(f"NANOQWEN_KERNELS={mode!r}: use 'torch', 'triton' or leave it unset")
-    if mode == "auto":
-        return device.type == "cuda"
-    return mode == "triton"
-
-
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv: LayerCache, meta: AttentionMetadata, triton: bool) -> None:
     """Write the step's K, V into their slots (quantizing them for the int8 cache)."""
     if kv.quant_mode is not None:
-        store_kv_int8_ref(k, v, kv, meta.slot_mapping, kv.quant_mode, meta.cu_seqlens_q)
+        if triton:
+            from .kernels.kv_store import store_kv_int8
+            store_kv_int8(k, v, kv, meta.slot_mapping, kv.quant_mode, meta.cu_seqlens_q)
+        else:
+            store_kv_int8_ref(k, v, kv, meta.slot_mapping, kv.quant_mode, meta.cu_seqlens_q)
     elif triton:
         from .kernels.kv_store import store_kv as kernel
         kernel(k, v, kv.k, kv.v, meta.slot_mapping)
@@ -69,7 +64,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Attention
     """q, k, v [T, heads, head_dim] (RoPE applied) -> [T, heads, head_dim]. With a cache, k and v are stored first
     and every key is then read from the cache (the new ones too). `logn` [T] scales each query row (LogN)."""
     scale = q.shape[-1] ** -0.5
-    triton = use_triton(q.device) and (kv is None or kv.quant_mode is None)
+    triton = use_triton(q.device)
     if kv is None:
         if triton:
             from .kernels.flash_attention import flash_attn_varlen
@@ -81,12 +76,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Attention
         if triton:
             from .kernels.paged_attention import paged_attention
             return paged_attention(q, kv.k, kv.v, meta.block_tables, meta.context_lens, scale, meta.max_context_len,
-                                   logn=logn)
+                                   logn=logn, **quant)
         return paged_attention_ref(q, kv.k, kv.v, meta.block_tables, meta.context_lens, scale, logn=logn, **quant)
     if triton:
         from .kernels.flash_attention import flash_attn_varlen
         return flash_attn_varlen(q, k, v, meta.cu_seqlens_q, meta.max_seqlen_q, scale, k_cache=kv.k, v_cache=kv.v,
                                  block_tables=meta.block_tables, context_lens=meta.context_lens,
-                                 max_context_len=meta.max_context_len, logn=logn)
+                                 max_context_len=meta.max_context_len, logn=logn, **quant)
     return flash_attn_varlen_ref(q, k, v, meta.cu_seqlens_q, scale, k_cache=kv.k, v_cache=kv.v,
                                  block_tables=meta.block_tables, context_lens=meta.context_lens, logn=logn, **quant)

@@ -105,3 +105,12 @@ def test_memory():
         KVCache(1, 1, 16, 1, 16, torch.float32, "cpu", "int4")
     with pytest.raises(ValueError, match="kv_quant_mode"):
         KVCache(1, 1, 16, 1, 16, torch.float32, "cpu", "int8", "fast")
+
+
+def test_constant_rows_stay_finite():
+    """A nearly constant non-zero row: the zero point must fit fp16 (the storage of bf16/fp16 models)."""
+    x = torch.full((3, 2, 16), -3.25)
+    x[1, 0, 5] += 1e-4
+    q, s, z = quantize_per_token(x, torch.float16)
+    assert torch.isfinite(z).all() and torch.isfinite(s).all()
+    torch.testing.assert_close(dequantize(q, s, z, torch.float32), x, atol=3.25 * 2e-3, rtol=0)

@@ -66,11 +66,25 @@ def flash_attn_varlen_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
 
 
 @triton.jit
+def _dequant_tile(x, scale_ptr, zero_ptr, s_off, mask, MASKED: tl.constexpr):
+    """uint8 tile [BLOCK_N, HEAD_DIM] -> scale * (x - zero) in fp32; scale and zero per row (slot)."""
+    if MASKED:
+        scale = tl.load(scale_ptr + s_off, mask=mask, other=0.0)
+        zero = tl.load(zero_ptr + s_off, mask=mask, other=0.0)
+    else:
+        scale = tl.load(scale_ptr + s_off)
+        zero = tl.load(zero_ptr + s_off)
+    return scale.to(tl.float32)[:, None] * (x.to(tl.float32) - zero.to(tl.float32)[:, None])
+
+
+@triton.jit
 def _attn_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, k_row0, offs_m, q_pos, k_len, lo, hi,
                 stride_kt, stride_vt, stride_cb, stride_cs, block_size, qk_scale,
+                k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_sb, stride_ss,
                 PAGED: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
-    """Online softmax over key tiles [lo, hi). MASKED: apply the causal and length masks (diagonal tiles only)."""
+                DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr):
+    """Online softmax over key tiles [lo, hi). MASKED: apply the causal and length masks (diagonal tiles only).
+    QUANT (paged only): the cache is uint8 with a scale and zero per (slot, head), dequantized here in registers."""
     dims = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         n = start_n + tl.arange(0, BLOCK_N)
@@ -88,6 +102,10 @@ def _attn_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, k_row0, offs_m,
         else:
             k = tl.load(k_ptr + k_off[:, None] + dims[None, :])
             v = tl.load(v_ptr + v_off[:, None] + dims[None, :])
+        if QUANT:  # paged only: the scale and zero of slot n sit at the same (block, offset) as its values
+            s_off = blk * stride_sb + (n % block_size) * stride_ss
+            k = _dequant_tile(k, k_scale_ptr, k_zero_ptr, s_off, in_range, MASKED).to(q.dtype)
+            v = _dequant_tile(v, v_scale_ptr, v_zero_ptr, s_off, in_range, MASKED).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         if MASKED:
             s = tl.where((n[None, :] <= q_pos[:, None]) & in_range[None, :], s, float("-inf"))
@@ -105,8 +123,10 @@ def _flash_attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, logn_ptr,
                        block_tables_ptr, context_lens_ptr,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                        stride_cb, stride_cs, stride_ch, stride_bt, block_size, qk_scale,
+                       k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_sb, stride_ss, stride_sh,
                        PAGED: tl.constexpr, HAS_LOGN: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       QUANT: tl.constexpr):
     # the longest (most key tiles) query blocks start first: program 0 takes the last block of the sequence
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -120,6 +140,9 @@ def _flash_attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, logn_ptr,
         k_len = tl.load(context_lens_ptr + seq)
         block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
         k_base, v_base = k_ptr + head * stride_ch, v_ptr + head * stride_ch
+        if QUANT:  # this head's scales and zeros
+            k_scale_ptr, k_zero_ptr = k_scale_ptr + head * stride_sh, k_zero_ptr + head * stride_sh
+            v_scale_ptr, v_zero_ptr = v_scale_ptr + head * stride_sh, v_zero_ptr + head * stride_sh
     else:
         k_len = q_len
         block_table_ptr = block_tables_ptr
@@ -144,10 +167,12 @@ def _flash_attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, logn_ptr,
     end = tl.minimum(k_len, prefix + start_m + BLOCK_M)
     acc, m_i, l_i = _attn_tiles(acc, m_i, l_i, q, k_base, v_base, block_table_ptr, q_start, offs_m, q_pos, k_len,
                                 0, full_end, stride_kt, stride_vt, stride_cb, stride_cs, block_size, qk_scale,
-                                PAGED, False, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+                                k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_sb, stride_ss,
+                                PAGED, False, HEAD_DIM, BLOCK_N, DOT_PRECISION, QUANT)
     acc, m_i, l_i = _attn_tiles(acc, m_i, l_i, q, k_base, v_base, block_table_ptr, q_start, offs_m, q_pos, k_len,
                                 full_end, end, stride_kt, stride_vt, stride_cb, stride_cs, block_size, qk_scale,
-                                PAGED, True, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+                                k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_sb, stride_ss,
+                                PAGED, True, HEAD_DIM, BLOCK_N, DOT_PRECISION, QUANT)
     out = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -170,7 +195,9 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       max_seqlen_q: int, scale: float, k_cache: torch.Tensor | None = None,
                       v_cache: torch.Tensor | None = None, block_tables: torch.Tensor | None = None,
                       context_lens: torch.Tensor | None = None, max_context_len: int = 0,
-                      logn: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+                      logn: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                      k_zero: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                      v_zero: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton FlashAttention-2 forward, causal, over packed sequences; same semantics as `flash_attn_varlen_ref`.
 
     q, k, v [T, heads, head_dim] (unit stride on head_dim); `max_seqlen_q` (host int) sizes the grid. With
@@ -178,6 +205,8 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     `max_context_len` is accepted for symmetry and not needed (the key loop bound is read on the device).
     `logn` [T] fp32 multiplies each query row (rounded to q's dtype) before the scores. `out` (optional, q's shape
     and dtype, unit head_dim stride) receives the result instead of a new tensor.
+    int8 cache: k_cache, v_cache uint8 with `k_scale`, `k_zero`, `v_scale`, `v_zero` [num_blocks, block_size, heads]
+    (one layout); each key/value tile is dequantized in registers, scale * (q - zero) in fp32 then q's dtype.
     """
     T, H, D = q.shape
     assert D in (16, 32, 64, 128), f"head_dim must be 16, 32, 64 or 128, got {D}"
@@ -194,13 +223,22 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         block_size = k_cache.shape[1]
     else:
         cache_k, cache_v, cache_strides, block_size = k, v, (0, 0, 0, 0), 1
+    quant = k_scale is not None
+    if quant:
+        assert paged and k_cache.dtype == torch.uint8, "k_scale...: the int8 path reads a uint8 paged cache"
+        quant_ptrs = (k_scale, k_zero, v_scale, v_zero)
+        assert all(t.stride() == k_scale.stride() for t in quant_ptrs), "scales and zeros must share one layout"
+        quant_strides = k_scale.stride()
+    else:
+        quant_ptrs, quant_strides = (q, q, q, q), (0, 0, 0)
     block_m, block_n, warps, stages = _tiles(D, q.dtype)
     grid = (triton.cdiv(max_seqlen_q, block_m), H, B)
     _flash_attn_kernel[grid](
         q, cache_k, cache_v, out, cu_seqlens_q, logn if logn is not None else q,
         block_tables if paged else cu_seqlens_q, context_lens if paged else cu_seqlens_q,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        *cache_strides, block_size, scale * LOG2E,
+        *cache_strides, block_size, scale * LOG2E, *quant_ptrs, *quant_strides,
         PAGED=paged, HAS_LOGN=logn is not None, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", QUANT=quant, num_warps=warps,
+        num_stages=stages)
     return out

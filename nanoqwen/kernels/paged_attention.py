@@ -47,7 +47,9 @@ def _paged_attn_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, contex
                        stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
                        stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                        block_size, qk_scale, split_len,
-                       HAS_LOGN: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+                       k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_sb, stride_ss, stride_sh,
+                       HAS_LOGN: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                       QUANT: tl.constexpr):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -63,6 +65,9 @@ def _paged_attn_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, contex
     k_base = k_cache_ptr + head * stride_ch
     v_base = v_cache_ptr + head * stride_ch
     block_table_ptr = block_tables_ptr + seq * stride_bt
+    if QUANT:  # int8 cache: this head's scales and zeros, one per slot
+        k_scale_ptr, k_zero_ptr = k_scale_ptr + head * stride_sh, k_zero_ptr + head * stride_sh
+        v_scale_ptr, v_zero_ptr = v_scale_ptr + head * stride_sh, v_zero_ptr + head * stride_sh
 
     m_i = tl.full([], float("-inf"), tl.float32)
     l_i = tl.full([], 0.0, tl.float32)
@@ -74,13 +79,24 @@ def _paged_attn_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, contex
         off = blk * stride_cb + (n % block_size) * stride_cs
         k = tl.load(k_base + off[:, None] + dims[None, :], mask=ok[:, None], other=0.0)
         v = tl.load(v_base + off[:, None] + dims[None, :], mask=ok[:, None], other=0.0)
-        s = tl.sum(k.to(tl.float32) * q[None, :], 1)
+        if QUANT:  # int8: x = scale * (q - zero) in fp32, each key's scale applied once to its score or weight
+            s_off = blk * stride_sb + (n % block_size) * stride_ss
+            k_s = tl.load(k_scale_ptr + s_off, mask=ok, other=0.0).to(tl.float32)
+            k_z = tl.load(k_zero_ptr + s_off, mask=ok, other=0.0).to(tl.float32)
+            s = tl.sum((k.to(tl.float32) - k_z[:, None]) * q[None, :], 1) * k_s
+        else:
+            s = tl.sum(k.to(tl.float32) * q[None, :], 1)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new)
         l_i = l_i * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        if QUANT:
+            v_s = tl.load(v_scale_ptr + s_off, mask=ok, other=0.0).to(tl.float32)
+            v_z = tl.load(v_zero_ptr + s_off, mask=ok, other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum((p * v_s)[:, None] * (v.to(tl.float32) - v_z[:, None]), 0)
+        else:
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         m_i = m_new
     # l_i >= 1 unless the range was empty (a split past this sequence's context, or a zero-length context): then
     # acc = 0 and m_i = -inf, so the output is 0 and the log-sum-exp -inf, with no 0/0 anywhere
@@ -130,6 +146,8 @@ def num_kv_splits(batch: int, heads: int, max_context_len: int, min_split: int, 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, scale: float, max_context_len: int, logn: torch.Tensor | None = None,
+                    k_scale: torch.Tensor | None = None, k_zero: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None, v_zero: torch.Tensor | None = None,
                     *, num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton decode attention, same semantics as `paged_attention_ref` (a zero-length context gives zeros).
 
@@ -137,6 +155,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_tables [B, max_blocks] int32; context_lens [B] int32 (each <= max_context_len, a host int; 0 means "use
     the block table's capacity"). `num_splits` forces the split-KV count (None: chosen from batch and context).
     `out` (optional, q's shape and dtype, unit head_dim stride) receives the result instead of a new tensor.
+    int8 cache: k_cache, v_cache uint8 with `k_scale`, `k_zero`, `v_scale`, `v_zero` [num_blocks, block_size, heads]
+    (one layout); every key and value is dequantized in registers as read, scale * (q - zero) in fp32.
     """
     B, H, D = q.shape
     assert D & (D - 1) == 0 and 16 <= D <= 256, f"head_dim must be a power of two in [16, 256], got {D}"
@@ -154,15 +174,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_splits = triton.cdiv(max_context_len, split_len)  # no split left empty for the longest sequence
     common = (q, k_cache, v_cache, block_tables, context_lens, logn if logn is not None else q)
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
-    consts = dict(HAS_LOGN=logn is not None, HEAD_DIM=D, BLOCK_N=block_n, num_warps=warps)
+    if k_scale is not None:
+        assert k_cache.dtype == torch.uint8, "k_scale...: the int8 path reads a uint8 cache"
+        quant = (k_scale, k_zero, v_scale, v_zero)
+        assert all(t.stride() == k_scale.stride() for t in quant), "scales and zeros must share one layout"
+        quant += k_scale.stride()
+    else:
+        quant = (q, q, q, q, 0, 0, 0)
+    consts = dict(HAS_LOGN=logn is not None, HEAD_DIM=D, BLOCK_N=block_n, QUANT=k_scale is not None, num_warps=warps)
     if num_splits == 1:
         _paged_attn_kernel[(B, H, 1)](*common, out, out, *strides, out.stride(0), out.stride(1), 0, 0, 0,
-                                      k_cache.shape[1], scale * LOG2E, split_len, SPLIT=False, **consts)
+                                      k_cache.shape[1], scale * LOG2E, split_len, *quant, SPLIT=False, **consts)
         return out
     part = torch.empty(B, H, num_splits, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, H, num_splits, device=q.device, dtype=torch.float32)
     _paged_attn_kernel[(B, H, num_splits)](*common, part, lse, *strides, *part.stride()[:3], *lse.stride()[:2],
-                                           k_cache.shape[1], scale * LOG2E, split_len, SPLIT=True, **consts)
+                                           k_cache.shape[1], scale * LOG2E, split_len, *quant, SPLIT=True, **consts)
     _paged_reduce_kernel[(B, H)](part, lse, out, num_splits, *part.stride()[:3], *lse.stride()[:2],
                                  out.stride(0), out.stride(1), HEAD_DIM=D, SPLITS_P2=triton.next_power_of_2(num_splits),
                                  num_warps=4)

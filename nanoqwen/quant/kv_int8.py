@@ -7,6 +7,7 @@ them the same way (fused into its kernels: the cache is never dequantized as a w
   head) over the whole chunk written in a step (all its tokens and channels), truncation instead of rounding, all
   arithmetic in the activation dtype, and the chunk's own attention reads the quantized values. For parity only: a
   long prefill shares one coarse scale across all its tokens.
+The Triton store (nanoqwen.kernels.kv_store.store_kv_int8) is bit-exact with `store_kv_int8_ref` in both modes.
 Scales and zeros are kept in fp32 for fp32 models and in fp16 otherwise (bf16's 8-bit mantissa cannot hold a zero
 point near 255 to better than 1 quantization step).
 """
@@ -16,6 +17,7 @@ import torch
 
 MODES = ("default", "qwen")
 QMAX = 255.0
+ZERO_MAX = 60000.0  # largest zero point of the default mode (fp16 holds up to 65504)
 
 
 def scale_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -26,7 +28,11 @@ def quantize_per_token(x: torch.Tensor, out_dtype: torch.dtype):
     """x [T, H, D] -> (q uint8 [T, H, D], scale [T, H], zero [T, H]); min/max per (token, head), rounding, fp32 math."""
     xf = x.float()
     lo, hi = xf.amin(-1), xf.amax(-1)
-    scale = ((hi - lo) / QMAX).clamp_min(1e-8)  # a constant row gets scale 1e-8 and q = 0: exact
+    # divide by a tensor, not by the Python float: torch's CUDA division by a CPU scalar multiplies by its reciprocal
+    # (off by an ulp), so only this form gives the same bits on every device, and the same as the Triton kernel
+    # the zero point -lo / scale must stay finite in fp16 (65504): scale >= |lo| / ZERO_MAX. That only coarsens rows
+    # whose range is under |lo| / 235 (nearly constant rows), to steps of |lo| / 60000, far below bf16's precision
+    scale = torch.maximum((hi - lo) / hi.new_full((), QMAX), lo.abs() / hi.new_full((), ZERO_MAX)).clamp_min(1e-8)
     zero = -lo / scale
     q = torch.clamp(torch.round(xf / scale[..., None] + zero[..., None]), 0, QMAX).to(torch.uint8)
     return q, scale.to(out_dtype), zero.to(out_dtype)
