@@ -365,17 +365,24 @@ class LLM:
                 logits_rows.append(cu[-1] - 1)
                 to_sample.append(seq)
         width = max(len(seq.block_table) for seq, _ in batch)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
-
-        def t(x, dtype=torch.int64):
-            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
-
+        tables = [b for seq, _ in batch for b in seq.block_table + [0] * (width - len(seq.block_table))]
+        # two host-to-device copies per step (one per integer width), from pinned memory on CUDA
+        longs = self._to_device(tokens + positions + ntk + slots + logits_rows, torch.int64)
+        ints = self._to_device(cu + ctx + tables, torch.int32)
+        T, B = len(tokens), len(batch)
+        tokens_d, positions_d, ntk_d, slots_d, rows_d = longs.split([T, T, T, T, len(logits_rows)])
+        cu_d, ctx_d, tables_d = ints.split([B + 1, B, B * width])
         meta = AttentionMetadata(
-            cu_seqlens_q=t(cu, torch.int32), max_seqlen_q=max(n for _, n in batch), positions=t(positions),
-            ntk_index=t(ntk), slot_mapping=t(slots), block_tables=t(tables, torch.int32),
-            context_lens=t(ctx, torch.int32), max_context_len=max(ctx), is_decode=all(n == 1 for _, n in batch),
-            logits_indices=t(logits_rows))
-        return t(tokens), meta, to_sample
+            cu_seqlens_q=cu_d, max_seqlen_q=max(n for _, n in batch), positions=positions_d, ntk_index=ntk_d,
+            slot_mapping=slots_d, block_tables=tables_d.view(B, width), context_lens=ctx_d, max_context_len=max(ctx),
+            is_decode=all(n == 1 for _, n in batch), logits_indices=rows_d)
+        return tokens_d, meta, to_sample
+
+    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        host = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; return an output for every request that produced tokens or finished in it."""
