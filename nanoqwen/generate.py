@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         else:
             sys.stdout.write(args.prompt)
             run(llm, llm.encode(args.prompt), params)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError, TypeError) as e:
+    except (CheckpointError, ConfigError, OSError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
