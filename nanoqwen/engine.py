@@ -338,8 +338,9 @@ class LLM:
             if seq.status == RUNNING:
                 batch.append((seq, n))
                 budget -= n
-        # no admissions in a step that had to preempt: the freed blocks go to the running sequences first
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        # no admissions in a step that had to preempt (the freed blocks go to the running sequences first), unless
+        # nothing at all was scheduled
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not (preempted and batch):
             seq = self.waiting[0]
             if not self._admit(seq):
                 break
