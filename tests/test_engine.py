@@ -207,3 +207,14 @@ def test_static_decode_path(small_ckpt):
     llm = make(small_ckpt, cuda_graphs=True, max_num_seqs=8, max_model_len=128)
     assert llm.graphs is not None and not llm.graphs.capture and llm.graphs.buckets == [1, 2, 4, 8]
     assert [o.token_ids for o in llm.generate(ps, params)] == [o.token_ids for o in plain]
+
+
+def test_static_decode_path_through_kernels(small_ckpt, monkeypatch):
+    """The graph-bucket decode path through the Triton kernels (interpreter on the CPU): pad rows (slot -1,
+    context 0) and a static max_context_len far beyond the contexts do not change the tokens."""
+    ps = prompts(3, 2, 20, 23)
+    params = [SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)] * 3
+    plain = make(small_ckpt, cuda_graphs=False).generate(ps, params)
+    monkeypatch.setenv("NANOQWEN_KERNELS", "triton")
+    llm = make(small_ckpt, cuda_graphs=True, max_num_seqs=4, max_model_len=64)
+    assert [o.token_ids for o in llm.generate(ps, params)] == [o.token_ids for o in plain]
