@@ -8,18 +8,10 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: @triton.jit reads it when a kernel is defined
-
-import importlib
-
 import pytest
 
+# tests/conftest.py sets TRITON_INTERPRET=1 without a GPU before anything imports triton
 from nanoqwen.kernels import flash_attention, kv_store, paged_attention
-
-if os.environ.get("TRITON_INTERPRET") == "1":  # another test module may have defined the kernels before: redo it
-    for _module in (kv_store, flash_attention, paged_attention):
-        importlib.reload(_module)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])

@@ -19,7 +19,7 @@ from nanoqwen.quant.kv_int8 import store_kv_int8_ref
 from test_kernels import DEVICE, DTYPES, NAN, check, paged_layout, qkv, randint, randn, rng, slots_of  # noqa: F401
 from test_kv_int8 import model, run_int8  # noqa: F401  (model: the golden tiny model in fp32 on the CPU)
 
-from nanoqwen.kernels import flash_attention, kv_store, paged_attention  # after test_kernels: its reloaded modules
+from nanoqwen.kernels import flash_attention, kv_store, paged_attention
 
 STORE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # the store has no tl.dot: bf16 is right interpreted
 
