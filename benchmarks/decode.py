@@ -79,8 +79,9 @@ def copy_bandwidth(device) -> float:
 
 
 def decode_speed(model, tokenizer, batch: int, context: int, new_tokens: int, kv_cache_dtype) -> dict:
+    max_len = context + new_tokens + 16
     llm = LLM(model, tokenizer=tokenizer, max_num_seqs=max(batch, 1), kv_cache_dtype=kv_cache_dtype,
-              max_model_len=context + new_tokens + 16, num_kv_blocks=None if model.device.type == "cuda" else 512)
+              max_model_len=max_len, num_kv_blocks=batch * -(-max_len // 16) + 8)  # what the run needs, no more
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 151000, (context,), generator=g).tolist() for _ in range(batch)]
@@ -88,6 +89,7 @@ def decode_speed(model, tokenizer, batch: int, context: int, new_tokens: int, kv
     outs = llm.generate(prompts, params)
     first = max(o.metrics["first_token"] for o in outs)
     last = max(o.metrics["finished"] for o in outs)
+    llm.close()
     return {"tok_s": batch * (new_tokens - 1) / (last - first), "batch": batch, "context": context}
 
 

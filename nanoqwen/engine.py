@@ -208,6 +208,17 @@ class LLM:
             cuda_graphs = self.device.type == "cuda"
         self.graphs = DecodeGraphs(self, capture=self.device.type == "cuda") if cuda_graphs else None
 
+    def close(self) -> None:
+        """Free the KV cache and the CUDA graphs now (the model stays usable by its other owners)."""
+        self.graphs = self.kv_cache = self._seen = None
+        self.waiting.clear()
+        self.running.clear()
+        self.requests.clear()
+        if self.device.type == "cuda":
+            import gc
+            gc.collect()
+            torch.cuda.empty_cache()
+
     # ------------------------------------------------------------------------------------------------ sizing
     def _auto_num_blocks(self, utilization: float, cpu_gib: float) -> int:
         cfg = self.config
