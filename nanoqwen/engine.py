@@ -495,7 +495,10 @@ class LLM:
             yield from self.step()
 
     def generate(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run prompts (a string, a list of token ids, or a list of either) batched together; outputs in order."""
+        """Run prompts (a string, a list of token ids, or a list of either) batched together; outputs in order.
+
+        Requests queued earlier with `add_request` run in the same batches, but their outputs are not returned here:
+        drive those with `step()`/`stream()` instead."""
         single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and
                                               all(isinstance(t, int) for t in prompts))
         prompts = [prompts] if single else list(prompts)
@@ -546,7 +549,8 @@ class LLM:
 
     def chat_stream(self, query: str, history=None, system: str = DEFAULT_SYSTEM,
                     params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the response's text deltas as they are generated (the reference yields the whole text so far)."""
+        """Yield the response's text deltas as they are generated (the reference yields the whole text so far).
+        Meant for one conversation at a time: other queued requests advance too, but their outputs are dropped."""
         rid = self.add_request(self.chat_context(query, history, system), self.chat_params(params))
         try:
             done = False
