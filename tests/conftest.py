@@ -59,9 +59,11 @@ def qwen_tiktoken() -> Path:
     pytest.skip("qwen.tiktoken not found: set NANOQWEN_GOLDEN or put the golden data at ../shared/golden")
 
 
-def prefill_then_decode(model, ids: list[int], n_prefill: int, block_size: int = 4, seed: int = 0):
-    """Logits of the last position after the prefill of ids[:n_prefill], then after each later id fed one at a time
-    through a paged KV cache whose blocks are shuffled (non-contiguous). Returns [len(ids) - n_prefill + 1, vocab]."""
+def run_paged(model, ids: list[int], n_prefill: int, block_size: int = 4, generator=None, kv_cache_dtype=None,
+              quant_mode: str = "default", all_logits: bool = False) -> list:
+    """Prefill ids[:n_prefill], then feed each later id one at a time through a paged KV cache whose blocks are
+    shuffled (non-contiguous). Returns each step's logits (fp32, CPU): the last position's [1, vocab], or every
+    position's for the prefill when `all_logits`. NTK alpha is frozen at the prefill, as the reference does."""
     import torch
     from nanoqwen.attention import AttentionMetadata
     from nanoqwen.kv_cache import KVCache
@@ -70,23 +72,30 @@ def prefill_then_decode(model, ids: list[int], n_prefill: int, block_size: int =
     cfg, dev = model.config, model.device
     n_blocks = -(-len(ids) // block_size)
     cache = KVCache(cfg.num_hidden_layers, n_blocks + 3, block_size, cfg.num_attention_heads, cfg.head_dim,
-                    model.dtype, dev)
-    perm = torch.randperm(n_blocks + 3, generator=torch.Generator().manual_seed(seed))[:n_blocks].int()
-    ntk = ntk_index(n_prefill, cfg.seq_length, cfg.use_dynamic_ntk)  # frozen at the prefill, as the reference
+                    model.dtype, dev, kv_cache_dtype, quant_mode)
+    generator = generator or torch.Generator().manual_seed(0)
+    perm = torch.randperm(n_blocks + 3, generator=generator)[:n_blocks].int()
+    ntk = ntk_index(n_prefill, cfg.seq_length, cfg.use_dynamic_ntk)
 
     def run(tokens, start):
-        pos = range(start, start + len(tokens))
-        slots = torch.tensor([int(perm[p // block_size]) * block_size + p % block_size for p in pos], device=dev)
+        end = start + len(tokens)
+        slots = torch.tensor([int(perm[p // block_size]) * block_size + p % block_size for p in range(start, end)])
         meta = AttentionMetadata.for_prefill(
-            [len(tokens)], dev, [ntk], [start], slot_mapping=slots, block_tables=perm[None].to(dev),
-            context_lens=torch.tensor([start + len(tokens)], dtype=torch.int32, device=dev),
-            max_context_len=start + len(tokens), is_decode=start > 0 and len(tokens) == 1,
-            logits_indices=torch.tensor([len(tokens) - 1], device=dev))
+            [len(tokens)], dev, [ntk], [start], slot_mapping=slots.to(dev), block_tables=perm[None].to(dev),
+            context_lens=torch.tensor([end], dtype=torch.int32, device=dev), max_context_len=end,
+            is_decode=start > 0 and len(tokens) == 1,
+            logits_indices=None if all_logits else torch.tensor([len(tokens) - 1], device=dev))
         with torch.no_grad():
-            return model(torch.tensor(tokens, device=dev), meta, cache)[0].float()
+            return model(torch.tensor(tokens, device=dev), meta, cache).float().cpu()
 
-    steps = [run(ids[:n_prefill], 0)] + [run([ids[i]], i) for i in range(n_prefill, len(ids))]
-    return torch.stack(steps)
+    return [run(ids[:n_prefill], 0)] + [run([ids[i]], i) for i in range(n_prefill, len(ids))]
+
+
+def prefill_then_decode(model, ids: list[int], n_prefill: int, block_size: int = 4, seed: int = 0):
+    """The last position's logits after the prefill and after each later token: [len(ids) - n_prefill + 1, vocab]."""
+    import torch
+    steps = run_paged(model, ids, n_prefill, block_size, torch.Generator().manual_seed(seed))
+    return torch.cat(steps)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -206,36 +206,14 @@ def test_tiny_forward_through_kernels(tiny_model, tiny_ref, tiny_ref_tensors):
 
 
 def test_tiny_prefill_then_decode_through_kernels(tiny_model, tiny_ref, tiny_ref_tensors, rng):
-    from nanoqwen.attention import AttentionMetadata
-    from nanoqwen.kv_cache import KVCache
-    from nanoqwen.rope import ntk_index
+    from conftest import run_paged
 
     name = "fp32/decode/random"
-    case, cfg = tiny_ref["cases"][name], tiny_model.config
-    ids, n_prefill = case["input_ids"], case["n_prefill"]
-    block_size = 4
-    n_blocks = -(-len(ids) // block_size) + 1
-    cache = KVCache(cfg.num_hidden_layers, n_blocks + 3, block_size, cfg.num_attention_heads, cfg.head_dim,
-                    torch.float32, DEVICE)
-    perm = torch.randperm(n_blocks + 3, generator=rng)[:n_blocks].to(torch.int32)  # non-contiguous blocks
-    tables = perm[None].to(DEVICE)
-    ntk = ntk_index(n_prefill, cfg.seq_length)
-
-    def step(tokens, start):
-        end = start + len(tokens)
-        slots = torch.tensor([int(perm[p // block_size]) * block_size + p % block_size for p in range(start, end)])
-        meta = AttentionMetadata.for_prefill(
-            [len(tokens)], DEVICE, [ntk], [start], slot_mapping=slots.to(DEVICE), block_tables=tables,
-            context_lens=torch.tensor([end], dtype=torch.int32, device=DEVICE), max_context_len=end,
-            is_decode=len(tokens) == 1 and start > 0, logits_indices=torch.tensor([len(tokens) - 1], device=DEVICE))
-        with torch.no_grad():
-            return tiny_model(torch.tensor(tokens, device=DEVICE), meta, cache)[0].cpu()
-
-    steps = [step(ids[:n_prefill], 0)] + [step([ids[i]], i) for i in range(n_prefill, len(ids))]
-    steps = torch.stack(steps)
-    msg = lambda m: f"{name} (blocks {perm.tolist()}): {m}"
+    case = tiny_ref["cases"][name]
+    steps = torch.cat(run_paged(tiny_model, case["input_ids"], case["n_prefill"], generator=rng))  # shuffled blocks
+    msg = lambda m: f"{name}: {m}"
     torch.testing.assert_close(steps[case["steps_with_full_logits"]], tiny_ref_tensors[f"{name}/step_logits"],
                                rtol=0, atol=1e-4, msg=msg)
     for i, (top_ids, top_logits) in enumerate(zip(case["top10_ids"], case["top10_logits"])):
-        assert steps[i].argmax().item() == top_ids[0], f"{name} step {i} (blocks {perm.tolist()})"
+        assert steps[i].argmax().item() == top_ids[0], f"{name} step {i}"
         torch.testing.assert_close(steps[i][top_ids], torch.tensor(top_logits), rtol=0, atol=1e-4, msg=msg)

@@ -3,11 +3,10 @@ per-(token, head) rounding mode, more accurate than the reference's."""
 import pytest
 import torch
 
+from conftest import run_paged
 from nanoqwen import LLM, Qwen, SamplingParams
-from nanoqwen.attention import AttentionMetadata
 from nanoqwen.kv_cache import KVCache
 from nanoqwen.quant.kv_int8 import dequantize, quantize_per_token, quantize_qwen
-from nanoqwen.rope import ntk_index
 
 
 @pytest.fixture(scope="module")
@@ -15,26 +14,9 @@ def model(tiny_ckpt):
     return Qwen.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32)
 
 
-def run_int8(model, ids, n_prefill, mode, all_logits=False, block_size=4):
-    """Prefill ids[:n_prefill], then one token per step, through an int8 paged cache with shuffled blocks."""
-    cfg = model.config
-    nb = -(-len(ids) // block_size)
-    cache = KVCache(cfg.num_hidden_layers, nb + 2, block_size, cfg.num_attention_heads, cfg.head_dim, torch.float32,
-                    "cpu", "int8", mode)
-    perm = torch.randperm(nb + 2, generator=torch.Generator().manual_seed(0))[:nb].int()
-    ntk = ntk_index(n_prefill, cfg.seq_length)
-
-    def step(toks, start):
-        slots = torch.tensor([int(perm[p // block_size]) * block_size + p % block_size
-                              for p in range(start, start + len(toks))])
-        meta = AttentionMetadata.for_prefill(
-            [len(toks)], "cpu", [ntk], [start], slot_mapping=slots, block_tables=perm[None],
-            context_lens=torch.tensor([start + len(toks)], dtype=torch.int32), max_context_len=start + len(toks),
-            is_decode=start > 0 and len(toks) == 1, logits_indices=None if all_logits else torch.tensor([len(toks) - 1]))
-        with torch.no_grad():
-            return model(torch.tensor(toks), meta, cache)
-
-    return [step(ids[:n_prefill], 0)] + [step([ids[i]], i) for i in range(n_prefill, len(ids))]
+def run_int8(model, ids, n_prefill, mode, all_logits=False):
+    """Prefill then one token per step through an int8 paged cache (conftest.run_paged)."""
+    return run_paged(model, ids, n_prefill, kv_cache_dtype="int8", quant_mode=mode, all_logits=all_logits)
 
 
 def test_qwen_mode_forward(model, tiny_ref, tiny_ref_tensors):

@@ -150,7 +150,7 @@ def test_paged_attention_int8(dtype, use_logn, splits, rng):
 
 
 # ------------------------------------------------------------------------------- golden tiny model, end to end
-cpu_only = pytest.mark.skipif(DEVICE != "cpu", reason="run_int8 (test_kv_int8.py) builds its cache on the CPU")
+cpu_only = pytest.mark.skipif(DEVICE != "cpu", reason="the golden model fixture (test_kv_int8.py) lives on the CPU")
 
 
 @cpu_only
