@@ -106,3 +106,61 @@ def _isolated_home(tmp_path_factory):
     mp.setenv("HF_HUB_OFFLINE", "1")
     yield
     mp.undo()
+
+
+def int8_noise_envelope(model, ids: list[int], n_prefill: int, mode: str, draws: int = 32, seed: int = 0,
+                        positions: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far one-ulp float noise in K and V moves the logits of an int8-cache run, by simulating it.
+
+    The int8 cache rounds (default mode) or truncates (qwen mode) K/V to integers, so K/V that differ by one ulp (as
+    two CPUs' matmuls do) can land on different integers. In qwen mode this is systematic: the largest value of a chunk
+    computes to 255 or to 254.99998 (truncated to 254) depending on rounding, for every (chunk, layer, head), and each
+    such flip then moves the later K/V a little. Outputs of two correct implementations therefore differ by chaotic
+    amounts that no fixed tolerance can bound on every CPU.
+
+    This runs the same prefill-then-decode as `run_paged`, batched as 1 + `draws` copies of the sequence: copy 0 as
+    computed, every other copy with each K and V element moved by -1, 0 or +1 ulp at random before every store (the
+    noise a different CPU adds). Returns (logits of copy 0 [steps, vocab], or [len(positions), vocab] for the prefill
+    when `positions` is given; and `spread` [steps] (or [len(positions)]): the largest |logit difference| between
+    any noisy copy and copy 0 at that step, max over the vocabulary). Torch kernels, CPU.
+    """
+    from unittest import mock
+    from nanoqwen import attention as attn_mod
+    from nanoqwen.attention import AttentionMetadata
+    from nanoqwen.kv_cache import KVCache
+    from nanoqwen.rope import ntk_index
+
+    cfg, R, bs = model.config, 1 + draws, 16
+    gen = torch.Generator().manual_seed(seed)
+    nb = -(-len(ids) // bs)
+    cache = KVCache(cfg.num_hidden_layers, R * nb, bs, cfg.num_attention_heads, cfg.head_dim, model.dtype, "cpu",
+                    "int8", mode)
+    tables = torch.arange(R * nb, dtype=torch.int32).view(R, nb)
+    ntk = ntk_index(n_prefill, cfg.seq_length, cfg.use_dynamic_ntk)
+    store = attn_mod.store_kv_int8_ref
+
+    def jitter(x, n):  # rows n: (the noisy copies) one ulp up or down, or unchanged
+        step = torch.randint(-1, 2, x[n:].shape, generator=gen).to(x.dtype)
+        return torch.cat([x[:n], torch.where(step != 0, torch.nextafter(x[n:], step * float("inf")), x[n:])])
+
+    def noisy_store(k, v, layer_cache, slot_mapping, mode, cu_seqlens):
+        n = int(cu_seqlens[1])
+        store(jitter(k, n), jitter(v, n), layer_cache, slot_mapping, mode, cu_seqlens)
+
+    logits, spread = [], []
+    with mock.patch.dict(os.environ, {"NANOQWEN_KERNELS": "torch"}), \
+            mock.patch.object(attn_mod, "store_kv_int8_ref", noisy_store), torch.no_grad():
+        for c in range(1 + len(ids) - n_prefill):
+            start = 0 if c == 0 else n_prefill + c - 1
+            toks = ids[:n_prefill] if c == 0 else [ids[start]]
+            n = len(toks)
+            rows = positions if c == 0 and positions is not None else [n - 1]
+            slots = torch.tensor([int(tables[r, p // bs]) * bs + p % bs for r in range(R) for p in range(start, start + n)])
+            meta = AttentionMetadata.for_prefill(
+                [n] * R, "cpu", [ntk] * R, [start] * R, slot_mapping=slots, block_tables=tables,
+                context_lens=torch.full((R,), start + n, dtype=torch.int32), max_context_len=start + n,
+                is_decode=c > 0, logits_indices=(torch.arange(R)[:, None] * n + torch.tensor(rows)).flatten())
+            out = model(torch.tensor(toks * R), meta, cache).float().view(R, len(rows), -1)
+            logits.append(out[0])
+            spread.append((out[1:] - out[0]).abs().amax(dim=(0, 2)))
+    return torch.cat(logits), torch.cat(spread)
