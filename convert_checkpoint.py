@@ -1,13 +1,14 @@
 """Convert an official Qwen (v1) checkpoint folder into nanoqwen's layout.
 
     python convert_checkpoint.py SRC DST [--dtype bfloat16|float16|float32]
+    nanoqwen convert SRC DST [--dtype ...]                 # the same, through the console script
 """
 import argparse
 import sys
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+def main(argv=None, prog=None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.strip().splitlines()[0])
     p.add_argument("src", help="official checkpoint folder (config.json, *.safetensors, qwen.tiktoken)")
     p.add_argument("dst", help="output folder")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],

@@ -8,6 +8,7 @@ safetensors are ever read: pickled `*.bin` checkpoints are refused.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -40,6 +41,30 @@ def parse_dtype(dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of bfloat16, float16, float32")
     return DTYPES[dtype]
+
+
+def resolve_device(device=None) -> torch.device:
+    """The device to run on: `device` checked (cpu, cuda or cuda:N, and that it exists here), or cuda when a GPU is
+    available, else cpu. Raises ValueError with what to pass instead."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device {device!r} is not supported: nanoqwen runs on cpu or cuda (cuda:N)")
+    if not torch.cuda.is_available():
+        why = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no NVIDIA GPU is visible"
+        raise ValueError(f"device {device!r} was asked for, but {why}; use --device cpu (device='cpu'), or install "
+                         "a CUDA build of PyTorch on a machine with a GPU")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"device {device!r} does not exist: this machine has {count} GPU(s), cuda:0 to "
+                         f"cuda:{count - 1}")
+    return dev
 
 
 def default_dtype(device: torch.device, quantized: bool = False) -> torch.dtype:
@@ -299,15 +324,20 @@ def convert(src, dst, dtype=None) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     shard, shard_bytes = {}, 0
     tmp, stored = [], dtype
-    for name, t in iter_official(src, cfg, dtype, desc=f"converting {src.name}"):
-        stored = stored or t.dtype
-        shard[name] = t.contiguous()
-        shard_bytes += t.numel() * t.element_size()
-        if shard_bytes >= SHARD_BYTES:
+    try:
+        for name, t in iter_official(src, cfg, dtype, desc=f"converting {src.name}"):
+            stored = stored or t.dtype
+            shard[name] = t.contiguous()
+            shard_bytes += t.numel() * t.element_size()
+            if shard_bytes >= SHARD_BYTES:
+                tmp.append(_write_shard(dst, len(tmp), shard))
+                shard, shard_bytes = {}, 0
+        if shard or not tmp:
             tmp.append(_write_shard(dst, len(tmp), shard))
-            shard, shard_bytes = {}, 0
-    if shard or not tmp:
-        tmp.append(_write_shard(dst, len(tmp), shard))
+    except BaseException:  # no half-written shards left behind
+        for path in dst.glob(".shard-*.tmp"):
+            path.unlink(missing_ok=True)
+        raise
     weight_map = {}
     for i, (path, names) in enumerate(tmp):
         final = dst / (f"model-{i + 1:05d}-of-{len(tmp):05d}.safetensors" if len(tmp) > 1 else "model.safetensors")
@@ -327,7 +357,14 @@ def convert(src, dst, dtype=None) -> Path:
 def _write_shard(dst: Path, i: int, tensors: dict) -> tuple[Path, list[str]]:
     path = dst / f".shard-{i}.tmp"
     save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates files 0600; readable like the other files
     return path, list(tensors)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def iter_converted(folder: Path, cfg: QwenConfig, dtype: torch.dtype, device="cpu"):
@@ -362,7 +399,7 @@ def load_model(path, device=None, dtype=None):
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder: pass a Qwen checkpoint folder (official or converted by "
                               "convert_checkpoint.py)")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     cfg = QwenConfig.from_json(folder)
     g = gptq_config(cfg)
     dtype = parse_dtype(dtype) or default_dtype(device, quantized=g is not None)
@@ -391,18 +428,19 @@ DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "qwen.tiktoken"]
 
 def nanoqwen_home() -> Path:
     """Where converted checkpoints are cached: $NANOQWEN_HOME, else ~/.cache/nanoqwen."""
-    import os
     return Path(os.environ.get("NANOQWEN_HOME") or Path.home() / ".cache" / "nanoqwen")
 
 
-def resolve_checkpoint(ckpt, progress: bool = True) -> Path:
+def resolve_checkpoint(ckpt, progress: bool = True, need_tokenizer: bool = True) -> Path:
     """A loadable nanoqwen folder for `ckpt`: a known name, an `Org/Name` repo id (downloaded with
-    huggingface_hub), an official folder (converted once into the cache) or a converted folder."""
-    import os
+    huggingface_hub), an official folder (converted once into the cache) or a converted folder. With
+    `need_tokenizer`, a folder without qwen.tiktoken is refused before any conversion."""
     import re
     text = str(ckpt)
     path = Path(text).expanduser()
     if path.is_dir():
+        if need_tokenizer:
+            require_tokenizer(path)
         return path if is_converted(path) else cached_conversion(path, progress)
     looks_like_path = path.is_absolute() or text.startswith((".", "~")) or os.sep in text.strip("/").split("/", 1)[-1]
     repo = KNOWN_CHECKPOINTS.get(text.lower())
@@ -413,7 +451,10 @@ def resolve_checkpoint(ckpt, progress: bool = True) -> Path:
         raise CheckpointError(f"unknown checkpoint {text!r}: {where} one of the known names "
                               f"({', '.join(KNOWN_CHECKPOINTS)}) or a Hugging Face repo id (Org/Name). To use a local "
                               "copy, pass its folder: --ckpt /path/to/Qwen-7B-Chat")
-    return cached_conversion(download(repo), progress)
+    folder = download(repo)
+    if need_tokenizer:
+        require_tokenizer(folder)
+    return cached_conversion(folder, progress)
 
 
 def download(repo: str) -> Path:
@@ -434,15 +475,36 @@ def cached_conversion(src: Path, progress: bool = True) -> Path:
     gptq_config(cfg)  # refuses quantization methods other than GPTQ
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in src.iterdir() if f.is_file())
     key = hashlib.sha1(repr((str(src), files)).encode()).hexdigest()[:12]
-    dst = nanoqwen_home() / f"{src.name}-{key}"
+    home = nanoqwen_home()
+    dst = home / f"{src.name}-{key}"
     if is_converted(dst):
         return dst
     tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot write the converted checkpoint into {home} ({e.strerror or e}): set "
+                              "NANOQWEN_HOME to a writable folder, or convert once yourself with "
+                              f"`python convert_checkpoint.py {src} OUT_DIR` and pass OUT_DIR") from None
     if progress:
         import sys
-        print(f"converting {src} into {dst} (once)", file=sys.stderr, flush=True)
-    convert(src, tmp, dtype=None)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
+        print(f"converting {src} into {dst} (once; NANOQWEN_HOME sets where)", file=sys.stderr, flush=True)
+    try:
+        convert(src, tmp, dtype=None)
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)
+    except BaseException as e:  # a failed or interrupted conversion leaves nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"converting {src} into {home} failed ({e.strerror or e}): check the free space "
+                                  "and permissions there, or set NANOQWEN_HOME to another folder") from None
+        raise
     return dst
+
+
+def require_tokenizer(folder: Path) -> None:
+    """An official or converted folder must carry qwen.tiktoken: checked before any slow work, naming the folder."""
+    if not (Path(folder) / "qwen.tiktoken").is_file():
+        raise CheckpointError(f"{folder} has no qwen.tiktoken (the tokenizer vocabulary): copy it from the same "
+                              "Hugging Face repo (it sits beside config.json), then try again")

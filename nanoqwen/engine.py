@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .attention import AttentionMetadata
 from .chat import DEFAULT_SYSTEM, make_context, stop_token_ids
-from .checkpoint import load_model, resolve_checkpoint
+from .checkpoint import load_model, resolve_checkpoint, resolve_device
 from .kv_cache import BlockManager, KVCache
 from .model import Qwen
 from .rope import ntk_index
@@ -160,10 +160,15 @@ class LLM:
                  kv_cache_dtype: str | None = None, kv_quant_mode: str = "default", cuda_graphs: bool | None = None,
                  progress: bool = True, tokenizer=None):
         if isinstance(ckpt, Qwen):  # an already built model (benchmarks, research code); tokenizer= names its vocab
+            want = resolve_device(device) if device is not None else ckpt.device
+            if want.type != ckpt.device.type or want.index not in (None, ckpt.device.index):
+                raise ValueError(f"the model given is on {ckpt.device}, but device={device!r} was asked for: move "
+                                 "the model first (model.to(device)) or leave device unset")
             self.model, folder = ckpt, None
             self.device, self.dtype = ckpt.device, ckpt.dtype
         else:
-            folder = resolve_checkpoint(ckpt, progress=progress)
+            device = resolve_device(device)  # before any download or conversion: a bad device fails at once
+            folder = resolve_checkpoint(ckpt, progress=progress, need_tokenizer=tokenizer is None)
             self.model = load_model(folder, device, dtype)  # default dtype: bf16 on CUDA (fp16 for GPTQ), fp32 CPU
             self.device, self.dtype = self.model.device, self.model.dtype
         self.config, self.progress = self.model.config, progress
@@ -242,23 +247,25 @@ class LLM:
         return min(int(budget // per_block), useful)
 
     # ------------------------------------------------------------------------------------------------ requests
-    def encode(self, prompt) -> list[int]:
-        """Text is encoded as the reference tokenizer does by default (special-token text becomes control tokens,
-        so a raw ChatML string works); id lists are used as they are."""
+    def encode(self, prompt, special_tokens: bool = True) -> list[int]:
+        """Text is encoded as the reference tokenizer does by default: the text of a special token becomes that
+        token (`a<|endoftext|>b` is 3 tokens, and a raw ChatML string works); `special_tokens=False` encodes such
+        text as plain text. Id lists are used as they are."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode(prompt, allowed_special="all" if special_tokens else set())
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
             raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
         return list(prompt)
 
-    def add_request(self, prompt, params: SamplingParams | None = None) -> int:
-        """Queue a prompt (text or token ids); returns its request id. It runs on the following `step()` calls."""
+    def add_request(self, prompt, params: SamplingParams | None = None, *, special_tokens: bool = True) -> int:
+        """Queue a prompt (text or token ids); returns its request id. It runs on the following `step()` calls.
+        Text is tokenized as `encode` says (`special_tokens=False`: special-token text stays plain text)."""
         params = params if params is not None else self.default_params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        ids = self.encode(prompt)
+        ids = self.encode(prompt, special_tokens)
         if not ids:
             raise ValueError("the prompt is empty: give at least one token (or a non-empty string)")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
@@ -494,8 +501,11 @@ class LLM:
         while self.has_unfinished():
             yield from self.step()
 
-    def generate(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None, *,
+                 special_tokens: bool = True) -> list[RequestOutput]:
         """Run prompts (a string, a list of token ids, or a list of either) batched together; outputs in order.
+        Text prompts are tokenized as `encode` says: special-token text such as `<|endoftext|>` becomes the special
+        token, as Qwen's tokenizer does; `special_tokens=False` keeps it plain text.
 
         Requests queued earlier with `add_request` run in the same batches, but their outputs are not returned here:
         drive those with `step()`/`stream()` instead."""
@@ -510,7 +520,7 @@ class LLM:
         ids = []
         try:
             for prompt, p in zip(prompts, params):
-                ids.append(self.add_request(prompt, p))
+                ids.append(self.add_request(prompt, p, special_tokens=special_tokens))
         except Exception:
             for i in ids:
                 self.abort(i)

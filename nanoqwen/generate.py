@@ -1,10 +1,13 @@
 """The command line: chat with a Qwen chat model, or complete text with a base model, streaming.
 
-    python -m nanoqwen.generate --ckpt qwen-7b-chat                      # interactive chat
-    python -m nanoqwen.generate --ckpt qwen-7b-chat --prompt "你好"        # one answer, then exit
-    python -m nanoqwen.generate --ckpt qwen-7b --prompt "The capital of France is"
+    nanoqwen generate --ckpt qwen-7b-chat                       # interactive chat (or: python -m nanoqwen.generate)
+    nanoqwen generate --ckpt qwen-7b-chat --prompt "你好"         # one answer, then exit
+    nanoqwen generate --ckpt qwen-7b --prompt "The capital of France is"
 
-In a chat, type :clear to forget the history and :quit (or Ctrl-D) to leave.
+In a chat, type :clear to forget the history and :quit (or Ctrl-D) to leave; Ctrl-C stops an answer (what was
+already printed stays in the history). Chat messages are always plain text. Base-model prompts are tokenized as
+Qwen's tokenizer does by default: the text of a special token such as <|endoftext|> becomes that token; pass
+--no-special-tokens to keep such text as plain text.
 """
 from __future__ import annotations
 
@@ -16,8 +19,8 @@ from .sampling import SamplingParams
 COMMANDS = {":clear": "forget the conversation so far", ":quit": "leave (also :exit, Ctrl-D)"}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m nanoqwen.generate", description=__doc__.split("\n\n")[0],
+def parse_args(argv=None, prog="python -m nanoqwen.generate"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="qwen-7b, qwen-7b-chat, qwen-14b, qwen-14b-chat (+ -int4/-int8), "
                    "an Org/Name Hugging Face repo, an official checkpoint folder or a converted one")
@@ -38,7 +41,15 @@ def parse_args(argv=None):
     p.add_argument("--kv-quant-mode", choices=["default", "qwen"], default="default",
                    help="int8 cache rounding: default (per token and head, rounded) or qwen (the reference's "
                         "chunk-wide truncation, for parity)")
-    return p.parse_args(argv)
+    p.add_argument("--no-special-tokens", action="store_true",
+                   help="base models: encode special-token text in the prompt (e.g. <|endoftext|>) as plain text "
+                        "instead of as the special token (chat messages are always plain text)")
+    args = p.parse_args(argv)
+    try:  # the sampling flags are checked now, not after a model load of minutes
+        sampling_params(None, args)
+    except ValueError as e:
+        p.error(str(e).removeprefix("SamplingParams: "))
+    return args
 
 
 def sampling_params(llm, args) -> SamplingParams:
@@ -46,16 +57,17 @@ def sampling_params(llm, args) -> SamplingParams:
                                    ("top_p", args.top_p), ("top_k", args.top_k),
                                    ("repetition_penalty", args.repetition_penalty), ("seed", args.seed))
                  if v is not None}
-    config = dict(llm.generation_config)
+    config = dict(llm.generation_config) if llm is not None else {}
     if args.temperature is not None and args.temperature > 0:
         config["do_sample"] = True  # an explicit temperature asks for sampling even if the config says greedy
     return SamplingParams.from_generation_config(config, **overrides)
 
 
 def run(llm, ids: list[int], params: SamplingParams, out=sys.stdout) -> str:
-    """Generate for one prompt, streaming text to `out`; returns the text and prints the speed line on stderr."""
+    """Generate for one prompt, streaming text to `out`; returns the text (on Ctrl-C, what was printed so far) and
+    prints the speed line on stderr."""
     rid = llm.add_request(ids, params)
-    final = None
+    final, shown = None, []
     try:
         while final is None:
             for o in llm.step():
@@ -64,13 +76,15 @@ def run(llm, ids: list[int], params: SamplingParams, out=sys.stdout) -> str:
                 if o.new_text:
                     out.write(o.new_text)
                     out.flush()
+                    shown.append(o.new_text)
                 if o.finished:
                     final = o
     except KeyboardInterrupt:
         llm.abort(rid)
         llm.step()
-        out.write("\n[interrupted]\n")
-        return ""
+        out.write("\n")
+        print("[interrupted: the answer so far stays in the history; :clear forgets it]", file=sys.stderr, flush=True)
+        return "".join(shown)
     out.write("\n")
     out.flush()
     m, n_new = final.metrics, len(final.token_ids)
@@ -82,9 +96,10 @@ def run(llm, ids: list[int], params: SamplingParams, out=sys.stdout) -> str:
     return final.text
 
 
-def interactive(llm, args, params) -> None:
+def interactive(llm, args, params, history: list | None = None) -> None:
+    """The read-answer loop; `history` (a list of (query, response)) grows in place."""
     chat = llm.chat_format == "chatml"
-    history = []
+    history = [] if history is None else history
     tty = sys.stdin.isatty()
     print(f"nanoqwen: {'chat' if chat else 'text completion'} with {args.ckpt}. "
           + " ".join(f"{k} to {v};" for k, v in COMMANDS.items()), file=sys.stderr, flush=True)
@@ -92,14 +107,20 @@ def interactive(llm, args, params) -> None:
         if tty:
             sys.stdout.write("\nUser> " if chat else "\n>>> ")
             sys.stdout.flush()
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt leaves, as Ctrl-D does
+            line = ""
         if not line:
+            if tty:
+                sys.stdout.write("\n")  # the shell prompt starts on its own line
+                sys.stdout.flush()
             break
         query = line.rstrip("\n")
         if query.strip() in (":quit", ":exit"):
             break
         if query.strip() == ":clear":
-            history = []
+            history.clear()
             print("[history cleared]", file=sys.stderr, flush=True)
             continue
         if not query.strip():
@@ -111,11 +132,11 @@ def interactive(llm, args, params) -> None:
             response = run(llm, ids, params)
             history.append((query, response.strip()))
         else:
-            run(llm, llm.encode(query), params)
+            run(llm, llm.encode(query, special_tokens=not args.no_special_tokens), params)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog=None) -> int:
+    args = parse_args(argv, **({"prog": prog} if prog else {}))
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .engine import LLM
@@ -129,7 +150,7 @@ def main(argv=None) -> int:
             run(llm, llm.chat_context(args.prompt, None, args.system), params)
         else:
             sys.stdout.write(args.prompt)
-            run(llm, llm.encode(args.prompt), params)
+            run(llm, llm.encode(args.prompt, special_tokens=not args.no_special_tokens), params)
     except (CheckpointError, ConfigError, OSError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

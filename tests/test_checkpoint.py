@@ -181,3 +181,60 @@ def test_progress_bar_on_large_checkpoints(ckpt, tmp_path, monkeypatch, capsys):
     assert "converting official" in capsys.readouterr().err
     Qwen.from_pretrained(tmp_path / "conv", device="cpu")
     assert "loading conv" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- the cached conversion behind --ckpt
+def _home_entries(home):
+    return sorted(p.name for p in home.iterdir()) if home.exists() else []
+
+
+def test_missing_tokenizer_refused_before_converting(ckpt, tmp_path, monkeypatch):
+    """A folder without qwen.tiktoken is refused at once (no conversion), naming the folder the user gave."""
+    from nanoqwen import LLM
+    home = tmp_path / "home"
+    monkeypatch.setenv("NANOQWEN_HOME", str(home))
+    with pytest.raises(CheckpointError, match=f"{ckpt} has no qwen.tiktoken"):
+        LLM(ckpt, device="cpu")
+    assert _home_entries(home) == []
+
+
+def test_conversion_cache_failures(ckpt, qwen_tiktoken, tmp_path, monkeypatch):
+    """An unwritable NANOQWEN_HOME says so and names the variable; a conversion that fails leaves no .tmp folder;
+    the converted weights get the same permissions as the other files."""
+    import shutil
+    from nanoqwen.checkpoint import resolve_checkpoint
+    shutil.copyfile(qwen_tiktoken, ckpt / "qwen.tiktoken")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("NANOQWEN_HOME", str(blocker / "home"))  # under a file: no folder can be made (even as root)
+    with pytest.raises(CheckpointError, match="set NANOQWEN_HOME to a writable folder"):
+        resolve_checkpoint(ckpt, progress=False)
+    home = tmp_path / "home"
+    monkeypatch.setenv("NANOQWEN_HOME", str(home))
+    shard = ckpt / "model-00002-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        resolve_checkpoint(ckpt, progress=False)
+    assert _home_entries(home) == []
+    shard.write_bytes(data)
+    out = resolve_checkpoint(ckpt, progress=False)
+    assert _home_entries(home) == [out.name]
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(out / "model.safetensors") == mode(out / "config.json"), (oct(mode(out / "model.safetensors")),)
+
+
+def test_device_errors(ckpt):
+    from nanoqwen.checkpoint import resolve_device
+    with pytest.raises(ValueError, match="unknown device 'nonsense': use cpu, cuda or cuda:N"):
+        resolve_device("nonsense")
+    with pytest.raises(ValueError, match="not supported"):
+        resolve_device("mps")
+    if not torch.cuda.is_available():
+        for dev in ("cuda", "cuda:1"):
+            with pytest.raises(ValueError, match="use --device cpu"):
+                Qwen.from_pretrained(ckpt, device=dev)
+    else:
+        with pytest.raises(ValueError, match="does not exist"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+    assert resolve_device("cpu") == torch.device("cpu")

@@ -9,8 +9,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+from . import tl, triton  # Triton, or stand-ins when it is not installed (see __init__)
 
 from ..quant.kv_int8 import dequantize
 

@@ -34,8 +34,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+from . import tl, triton  # Triton, or stand-ins when it is not installed (see __init__)
 
 from . import use_triton  # noqa: F401  (re-exported: quant.gptq picks the path with it)
 

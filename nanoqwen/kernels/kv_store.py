@@ -4,8 +4,7 @@ Cache layout (one layer): k_cache, v_cache [num_blocks, block_size, num_heads, h
 block_id * block_size + offset; slot -1 means "do not write" (padding rows of a CUDA-graph batch).
 """
 import torch
-import triton
-import triton.language as tl
+from . import tl, triton  # Triton, or stand-ins when it is not installed (see __init__)
 
 
 def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -9,8 +9,7 @@ max_context_len launches the same grid every time and can be captured in a CUDA 
 import os
 
 import torch
-import triton
-import triton.language as tl
+from . import tl, triton  # Triton, or stand-ins when it is not installed (see __init__)
 
 from ..quant.kv_int8 import dequantize
 
