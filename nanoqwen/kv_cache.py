@@ -133,12 +133,13 @@ class BlockManager:
             table.append(block)
         return table, n_hit * bs
 
-    def register(self, table: list[int], token_ids: list[int], hashes: list[int], num_computed: int) -> None:
-        """Make the computed full prompt blocks of a sequence available to later sequences."""
+    def register(self, table: list[int], token_ids: list[int], hashes: list[int], start: int, end: int) -> None:
+        """Make a sequence's full prompt blocks start..end-1 (computed, or being computed by a launched step)
+        available to later sequences."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        for i in range(min(num_computed // bs, len(hashes))):
+        for i in range(start, end):
             block = table[i]
             if self.block_hash[block] is None:
                 self.block_hash[block], self.block_tokens[block] = hashes[i], tuple(token_ids[i * bs:(i + 1) * bs])

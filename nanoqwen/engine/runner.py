@@ -1,0 +1,299 @@
+"""`ModelRunner`: turns a scheduled batch into device work (metadata, forward, sampling) and sampled tokens.
+
+Per-sequence state lives in persistent buffers indexed by the sequence's slot (a row per running sequence, plus a
+trash row for padding): the block table (updated with only the blocks a step appends), the NTK row, the last sampled
+token and the sampler's per-request settings. So a decode step uploads a few integers per sequence (slot, position,
+cache slot, NTK row, context length) in one copy, whatever the context length, and its input tokens never travel
+through the host: each decode reads its slot's last sampled token on the device. That is what lets the engine launch
+step n + 1 before it has read step n's tokens (overlap scheduling).
+
+Decode-only steps run through a static path padded to a batch-size bucket (pad rows: trash slot, cache slot -1,
+context 0), captured as one CUDA graph per bucket at start-up; on the CPU the same static path runs eagerly (tests).
+Every other step (prefill chunks, mixed batches) runs eagerly with exact shapes.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..attention import AttentionMetadata
+from ..kv_cache import KVCache
+from ..sampling import Sampler, SamplerOutput, SamplingParams, SamplingTensors
+from .scheduler import Sequence
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+class SlotSampler:
+    """The sampler's per-request settings and repetition-penalty memory, kept per slot between steps."""
+
+    def __init__(self, num_slots: int, vocab_size: int, device: torch.device):
+        self.vocab_size, self.device = vocab_size, device
+        self.params: list[SamplingParams | None] = [None] * num_slots
+        self.seeds = [0] * num_slots
+        self.steps = [0] * num_slots
+        self.seen: torch.Tensor | None = None  # [num_slots, vocab] bool, made when a request first needs it
+        self.sampler = Sampler()
+
+    def add(self, slot: int, params: SamplingParams, seed: int, token_ids: list[int], num_prompt: int) -> None:
+        self.params[slot], self.seeds[slot], self.steps[slot] = params, seed, len(token_ids) - num_prompt
+        if params.repetition_penalty != 1.0:
+            if self.seen is None:
+                self.seen = torch.zeros(len(self.params), self.vocab_size, dtype=torch.bool, device=self.device)
+            self.seen[slot] = False
+            self.seen[slot, torch.tensor(token_ids, device=self.device)] = True
+
+    def sample(self, logits: torch.Tensor, slots: list[int]) -> SamplerOutput:
+        params = [self.params[s] for s in slots]
+        penalty = any(p.repetition_penalty != 1.0 for p in params)
+        if all(p.greedy and p.logprobs is None for p in params) and not penalty:
+            out = SamplerOutput(next_ids=logits.argmax(-1))  # plain greedy: no sampler state to build
+        else:
+            rows = torch.tensor(slots, device=self.device) if penalty else None
+            state = SamplingTensors.from_params(params, self.device, seeds=[self.seeds[s] for s in slots],
+                                                steps=[self.steps[s] for s in slots],
+                                                seen=self.seen[rows] if penalty else None)
+            out = self.sampler(logits, state)
+            if penalty:
+                self.seen[rows, out.next_ids] = True
+        for s in slots:
+            self.steps[s] += 1
+        return out
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose device work is queued: the sequences it samples for (in row order) and where their tokens land."""
+    sampled: list[Sequence]
+    token_ids: torch.Tensor | None = None  # [N] int64 on the host (pinned on CUDA), valid once `event` is done
+    logprobs: tuple | None = None  # (chosen [N], top values [N, k], top ids [N, k]) on the host
+    event: torch.cuda.Event | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+class ModelRunner:
+    def __init__(self, model, kv_cache: KVCache, *, max_num_seqs: int, max_model_len: int, block_size: int,
+                 cuda_graphs: bool, progress: bool = True):
+        self.model, self.kv_cache = model, kv_cache
+        self.device = model.device
+        self.block_size, self.max_model_len = block_size, max_model_len
+        self.num_slots = max_num_seqs + 1  # the last row is the trash slot of pad rows
+        self.trash = max_num_seqs
+        self.max_blocks = -(-max_model_len // block_size)
+        dev, S = self.device, self.num_slots
+        # block tables: a host mirror (the host computes cache slots from it) and its device copy, kept in step by
+        # uploading only what changed; on the CPU they are the same memory
+        self.tables_host = np.zeros((S, self.max_blocks), dtype=np.int32)
+        self.tables = torch.from_numpy(self.tables_host) if dev.type == "cpu" else torch.zeros(
+            S, self.max_blocks, dtype=torch.int32, device=dev)
+        self.synced = [0] * S  # blocks of each slot's row present in `tables`
+        self.owner = [0] * S  # admission id of the sequence a slot was set up for
+        self.last_tokens = torch.zeros(S, dtype=torch.long, device=dev)
+        self.sampler = SlotSampler(S, model.config.vocab_size, dev)
+        self.pinned = dev.type == "cuda"
+        self._token_bufs = [torch.zeros(S, dtype=torch.long, pin_memory=self.pinned) for _ in range(2)]
+        self._flip = 0
+        self.graphs = DecodeGraphs(self, max_num_seqs, capture=cuda_graphs and dev.type == "cuda") \
+            if cuda_graphs else None
+
+    # ------------------------------------------------------------------------------------------- host -> device
+    def _upload(self, values: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(values)
+        if not self.pinned:
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _prepare_slots(self, batch) -> None:
+        """Set up the slots of newly admitted sequences and push every appended block to the device table."""
+        fresh, cols, vals = [], [], []
+        for seq, _ in batch:
+            slot = seq.slot
+            if self.owner[slot] != seq.admissions:
+                self.owner[slot], self.synced[slot] = seq.admissions, 0
+                fresh.append(seq)
+                self.sampler.add(slot, seq.params, seq.seed, seq.token_ids, seq.num_prompt)
+            n, table = self.synced[slot], seq.block_table
+            if len(table) > n:
+                self.tables_host[slot, n:len(table)] = table[n:]
+                cols.extend(range(slot * self.max_blocks + n, slot * self.max_blocks + len(table)))
+                vals.extend(table[n:])
+                self.synced[slot] = len(table)
+        if fresh:  # a sequence's first decode reads its last token from the device: put the known one there
+            slots = torch.tensor([s.slot for s in fresh], device=self.device)
+            self.last_tokens.index_copy_(0, slots, torch.tensor([s.token_ids[-1] for s in fresh], device=self.device))
+        if cols and self.device.type != "cpu":
+            flat = self._upload(np.array([cols, vals], dtype=np.int64))
+            self.tables.view(-1).index_copy_(0, flat[0], flat[1].int())
+
+    # ------------------------------------------------------------------------------------------------- a step
+    def launch(self, batch: list[tuple[Sequence, int]]) -> LaunchedStep:
+        """Queue the device work of a batch (each sequence computes its `n` tokens from `num_computed` on) and the
+        copy of the sampled tokens to the host; returns without waiting for either."""
+        self._prepare_slots(batch)
+        sampled = [seq for seq, n in batch if seq.num_computed + n == seq.num_tokens]
+        decode = len(sampled) == len(batch) and all(n == 1 for _, n in batch)
+        with torch.no_grad():
+            if decode and self.graphs is not None:
+                logits = self.graphs.run(batch)
+            else:
+                logits = self._forward_eager(batch, len(sampled))
+            out = self.sampler.sample(logits, [s.slot for s in sampled]) if sampled else None
+        step = LaunchedStep(sampled)
+        if out is not None:
+            slots = torch.tensor([s.slot for s in sampled], device=self.device)
+            self.last_tokens.index_copy_(0, slots, out.next_ids)
+            step.token_ids = self._to_host(out.next_ids)
+            if out.chosen_logprobs is not None:
+                step.logprobs = tuple(t.to("cpu", non_blocking=self.pinned)
+                                      for t in (out.chosen_logprobs, out.top_logprobs, out.top_ids))
+            if self.pinned:
+                step.event = torch.cuda.Event()
+                step.event.record()
+        return step
+
+    def _to_host(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.pinned:
+            return ids
+        buf = self._token_bufs[self._flip][:ids.shape[0]]  # two buffers: step n + 1 writes while n is being read
+        self._flip ^= 1
+        return buf.copy_(ids, non_blocking=True)
+
+    def collect(self, step: LaunchedStep) -> tuple[list[int], tuple | None]:
+        """Wait for a launched step's tokens (only for that step: later launched work keeps running)."""
+        if step.event is not None:
+            step.event.synchronize()
+        ids = step.token_ids.tolist() if step.token_ids is not None else []
+        lp = tuple(t.tolist() for t in step.logprobs) if step.logprobs is not None else None
+        return ids, lp
+
+    def _forward_eager(self, batch, num_sampled: int) -> torch.Tensor:
+        """Any batch, exact shapes: per-token metadata built on the host with numpy, two uploads."""
+        bs = self.block_size
+        starts = np.array([seq.num_computed for seq, _ in batch], dtype=np.int64)
+        lens = np.array([n for _, n in batch], dtype=np.int64)
+        slots = np.array([seq.slot for seq, _ in batch], dtype=np.int64)
+        ends = starts + lens
+        cu = np.zeros(len(batch) + 1, dtype=np.int64)
+        np.cumsum(lens, out=cu[1:])
+        T = int(cu[-1])
+        seq_of_token = np.repeat(np.arange(len(batch)), lens)
+        positions = np.arange(T, dtype=np.int64) - np.repeat(cu[:-1] - starts, lens)
+        token_slots = slots[seq_of_token]
+        slot_mapping = self.tables_host[token_slots, positions // bs].astype(np.int64) * bs + positions % bs
+        ntk = np.array([seq.ntk_index for seq, _ in batch], dtype=np.int64)[seq_of_token]
+        tokens = np.empty(T, dtype=np.int64)
+        pending_rows = []  # rows whose input is a token sampled on the device and not read by the host yet
+        for i, (seq, n) in enumerate(batch):
+            a, b, known = int(starts[i]), int(ends[i]), len(seq.token_ids)
+            tokens[cu[i]:cu[i] + min(b, known) - a] = seq.token_ids[a:min(b, known)]
+            if b > known:
+                pending_rows.append(i)
+        sampled_rows = np.nonzero(ends == np.array([seq.num_tokens for seq, _ in batch]))[0]
+        logits_rows = cu[1:][sampled_rows] - 1
+        longs = self._upload(np.concatenate([tokens, positions, slot_mapping, ntk, logits_rows, slots]))
+        ints = self._upload(np.concatenate([cu, ends]).astype(np.int32))
+        tokens_d, positions_d, slot_mapping_d, ntk_d, rows_d, slots_d = longs.split(
+            [T, T, T, T, len(logits_rows), len(batch)])
+        if pending_rows:  # decodes of sequences whose last token the host has not read: take it on the device
+            rows = torch.tensor([int(cu[i + 1]) - 1 for i in pending_rows], device=self.device)
+            src = torch.tensor([batch[i][0].slot for i in pending_rows], device=self.device)
+            tokens_d = tokens_d.index_copy(0, rows, self.last_tokens[src])
+        width = max(-(-int(e) // bs) for e in ends)
+        meta = AttentionMetadata(
+            cu_seqlens_q=ints[:len(batch) + 1], max_seqlen_q=int(lens.max()), positions=positions_d, ntk_index=ntk_d,
+            slot_mapping=slot_mapping_d, block_tables=self.tables[slots_d, :width], context_lens=ints[len(batch) + 1:],
+            max_context_len=int(ends.max()), is_decode=bool((lens == 1).all()) and num_sampled == len(batch),
+            logits_indices=rows_d)
+        return self.model(tokens_d, meta, self.kv_cache)
+
+    def close(self) -> None:
+        self.graphs = None
+
+
+class DecodeGraphs:
+    """Decode-only steps, padded to a batch-size bucket, over static buffers; one CUDA graph per bucket.
+
+    The host writes five integers per row (slot, position, cache slot, NTK row, context length) into one pinned
+    buffer and uploads it with one copy; everything else the step needs is on the device already (input tokens,
+    block tables). Attention launches a grid fixed by the static `max_context_len` (max_model_len).
+    """
+
+    def __init__(self, runner: ModelRunner, max_num_seqs: int, capture: bool):
+        self.runner, self.capture = runner, capture
+        n, dev = max_num_seqs, runner.device
+        self.buckets = sorted({b for b in BUCKETS if b < n} | {n})
+        self.host = np.zeros((5, n), dtype=np.int64)
+        self.host_t = torch.from_numpy(self.host)
+        if runner.pinned:
+            self.host_t = self.host_t.pin_memory()
+            self.host = self.host_t.numpy()
+        self.meta = self.host_t if dev.type == "cpu" else torch.zeros(5, n, dtype=torch.long, device=dev)
+        self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None
+
+    def _forward(self, b: int) -> torch.Tensor:
+        r = self.runner
+        slot_ids, positions, slot_mapping, ntk, ctx = self.meta[:, :b].unbind(0)
+        meta = AttentionMetadata(
+            cu_seqlens_q=self.cu[:b + 1], max_seqlen_q=1, positions=positions, ntk_index=ntk,
+            slot_mapping=slot_mapping, block_tables=r.tables[slot_ids], context_lens=ctx.int(),
+            max_context_len=r.max_blocks * r.block_size, is_decode=True, logits_indices=None)
+        return r.model(r.last_tokens[slot_ids], meta, r.kv_cache)
+
+    def run(self, batch) -> torch.Tensor:
+        r, b = self.runner, len(batch)
+        bucket = next(x for x in self.buckets if x >= b)
+        h, bs = self.host, r.block_size
+        for i, (seq, _) in enumerate(batch):
+            pos = seq.num_computed
+            h[0, i], h[1, i], h[3, i], h[4, i] = seq.slot, pos, seq.ntk_index, pos + 1
+            h[2, i] = int(r.tables_host[seq.slot, pos // bs]) * bs + pos % bs
+        h[:, b:bucket] = ((r.trash,), (0,), (-1,), (0,), (0,))  # pad rows: trash slot, not stored, no context
+        if self.meta is not self.host_t:
+            self.meta[:, :bucket].copy_(self.host_t[:, :bucket], non_blocking=True)
+        if not self.capture:
+            return self._forward(bucket)[:b]
+        if bucket not in self.graphs:
+            self.capture_bucket(bucket)
+        graph, out = self.graphs.get(bucket, (None, None))
+        if graph is None:
+            return self._forward(bucket)[:b]
+        graph.replay()
+        return out[:b]
+
+    def capture_all(self, progress: bool) -> None:
+        """Capture every bucket now (the first steps of a server should not pay for captures)."""
+        if not self.capture:
+            return
+        t0 = time.perf_counter()
+        self.meta[2].fill_(-1)
+        self.meta[4].zero_()
+        self.meta[0].fill_(self.runner.trash)
+        for b in reversed(self.buckets):  # largest first: the smaller graphs reuse its memory pool
+            self.capture_bucket(b)
+            if not self.capture:
+                break
+        if progress and self.capture:
+            print(f"captured CUDA graphs for {len(self.buckets)} decode batch sizes in "
+                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+    def capture_bucket(self, bucket: int) -> None:
+        try:
+            with torch.no_grad():
+                self._forward(bucket)  # compile every kernel variant before capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = self._forward(bucket)
+                self.pool = graph.pool()
+            self.graphs[bucket] = (graph, out)
+        except Exception as e:  # never fail a request because a graph could not be captured
+            warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding without graphs")
+            self.capture = False
+            self.graphs.clear()
