@@ -99,9 +99,9 @@ echo "gpu_check commit $COMMIT, deadline ${DEADLINE_S} s$([ "$DRY" = 1 ] && echo
 
 # ---- the steps, most valuable first. One line each: step NAME CAP_SECONDS COMMAND... (caps from estimates:
 # correct them from the step times in results.json after a real run)
-step decode 140 "$PY" benchmarks/decode.py           # batch-1 bf16/int4/int8 x greedy/chat vs roofline, fastref
+step decode 160 "$PY" benchmarks/decode.py           # batch-1 bf16/int4/int8 x greedy/chat vs roofline, fastref
 step kernels 45 "$PY" benchmarks/kernels.py          # prefill vs SDPA; paged decode engine launch vs ideal vs copy
-step throughput 140 "$PY" benchmarks/throughput.py   # 256 requests vs HF and fastref static batches
+step throughput 130 "$PY" benchmarks/throughput.py   # 256 requests vs HF and fastref static batches
 step gptq 45 "$PY" benchmarks/gptq_bench.py          # int4/int8 GEMV and matmuls vs bf16 cuBLAS
 step kv_int8 35 "$PY" benchmarks/kv_int8.py          # int8 KV: bytes, sequences per memory, decode attention
 # ---- other benchmarks go here, one line each (launches, host_overhead, sampler, serve, lora), with caps that fit
