@@ -1,20 +1,25 @@
-"""Batch-1 (or batch-B) decode speed through the whole engine, Qwen-7B shapes with random weights, against the
-memory-bandwidth roofline and the gpt-fast-style anchor (.bench/fastref.py), all measured in the same run.
+"""Batch-1 (or batch-B) decode speed through the whole engine in its default configuration, Qwen-7B shapes with
+random weights, against the memory-bandwidth roofline and the gpt-fast-style anchor (fastref), in the same run.
 
-    python benchmarks/decode.py                                   # bf16, int4 and int8 GPTQ, bf16 KV
+    python benchmarks/decode.py                                   # bf16, int4 and int8 GPTQ weights, bf16 KV
     python benchmarks/decode.py --variants bf16 --kv-cache int8 --context 8192
-    python benchmarks/decode.py --tiny                            # CPU smoke run
+    python benchmarks/decode.py --tiny                            # CPU smoke run, seconds
 
-roofline tok/s = measured copy bandwidth / bytes read per step (all weights once, one embedding row, and the KV
-cache of the context). Writes JSON to $OUT when set.
+The engine is built as a user builds it, `LLM(model, tokenizer=...)`: max_model_len 32768 (so decode attention is
+launched for that static length), the KV cache sized from free GPU memory, CUDA graphs. Each weight variant is timed
+greedy and with Qwen's chat sampling defaults (top_p 0.8, repetition_penalty 1.1: Qwen-7B-Chat's
+generation_config.json), ignore_eos so every run makes exactly --new-tokens tokens. tok/s counts the tokens after the
+first one, from the first token's time to the last one's.
+roofline tok/s = batch x copy bandwidth (measured here) / bytes read per step (every weight once, one embedding row,
+and the KV cache at the middle of the run). fastref: .bench/fastref.py at the same batch, cache 1024, greedy.
+Correctness in the same run: every greedy token must be the argmax (up to rounding) of a cache-free forward over the
+tokens before it; every run must make exactly its token count. Writes $OUT/decode_*.json after every row.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,7 +30,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from nanoqwen import LLM, Qwen, QwenConfig, SamplingParams, Tokenizer  # noqa: E402
 from nanoqwen.kv_cache import KVCache  # noqa: E402
-from throughput import QWEN_7B, TINY, find_vocab  # noqa: E402
+from throughput import QWEN_7B, TINY, find_vocab, greedy_gap, greedy_tolerance, run_fastref, write_json  # noqa: E402
+
+# the sampling keys of Qwen-7B-Chat's generation_config.json (the base model's has no repetition penalty)
+QWEN_CHAT_SAMPLING = {"do_sample": True, "top_k": 0, "top_p": 0.8, "repetition_penalty": 1.1}
+MODES = ("greedy", "chat")
+BITS = {"bf16": None, "int4": 4, "int8": 8}  # weight variants: bf16, GPTQ int4 and int8 (group 128)
 
 
 def random_model(cfg: QwenConfig, dtype, device, bits: int | None, group_size: int = 128, seed: int = 0) -> Qwen:
@@ -78,78 +88,98 @@ def copy_bandwidth(device) -> float:
     return 2 * x.numel() * 20 / (s.elapsed_time(e) / 1e3)
 
 
-def decode_speed(model, tokenizer, batch: int, context: int, new_tokens: int, kv_cache_dtype) -> dict:
-    max_len = context + new_tokens + 16
-    llm = LLM(model, tokenizer=tokenizer, max_num_seqs=max(batch, 1), kv_cache_dtype=kv_cache_dtype,
-              max_model_len=max_len, num_kv_blocks=batch * -(-max_len // 16) + 8)  # what the run needs, no more
-    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 151000, (context,), generator=g).tolist() for _ in range(batch)]
-    llm.generate([p[:32] for p in prompts], SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True))  # warm
-    outs = llm.generate(prompts, params)
+def sampling(mode: str, new_tokens: int) -> SamplingParams:
+    if mode == "greedy":
+        return SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+    return SamplingParams.from_generation_config(QWEN_CHAT_SAMPLING, max_new_tokens=new_tokens, ignore_eos=True,
+                                                 seed=0)
+
+
+def decode_speed(llm: LLM, prompts, new_tokens: int, mode: str) -> tuple[dict, list]:
+    outs = llm.generate(prompts, sampling(mode, new_tokens))
     first = max(o.metrics["first_token"] for o in outs)
     last = max(o.metrics["finished"] for o in outs)
-    llm.close()
-    return {"tok_s": batch * (new_tokens - 1) / (last - first), "batch": batch, "context": context}
-
-
-def fastref(device) -> dict | None:
-    script = ROOT / ".bench" / "fastref.py"
-    if device.type != "cuda" or not script.is_file():
-        return None
-    out = Path(os.environ.get("OUT") or "/tmp")
-    r = subprocess.run([sys.executable, str(script)], env={**os.environ, "BS": "1", "MAXS": "1024", "OUT": str(out)},
-                       capture_output=True, text=True)
-    print(r.stdout[-400:], r.stderr[-400:])
-    f = out / "fastref_bs1_S1024.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+    wrong = sum(len(o.token_ids) != new_tokens for o in outs)
+    return {"tok_s": len(prompts) * (new_tokens - 1) / (last - first), "wrong_token_counts": wrong}, outs
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--variants", default="bf16,int4,int8", help="comma list of bf16, int4, int8 (GPTQ weights)")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma list of greedy, chat")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=128, help="prompt length before decoding")
-    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--kv-cache", default="auto", choices=["auto", "int8"])
+    ap.add_argument("--max-model-len", type=int, help="default: the engine's own (32768)")
     ap.add_argument("--no-fastref", action="store_true")
+    ap.add_argument("--fastref-timeout", type=float, default=75, help="seconds for fastref (it compiles first)")
     args = ap.parse_args()
+    variants, modes = args.variants.split(","), args.modes.split(",")
+    if not set(variants) <= set(BITS) or not set(modes) <= set(MODES):
+        ap.error(f"--variants takes {', '.join(BITS)}; --modes takes {', '.join(MODES)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     cfg = QwenConfig.from_dict(TINY if args.tiny else QWEN_7B)
     tok = Tokenizer.from_pretrained(find_vocab())
     kv = None if args.kv_cache == "auto" else args.kv_cache
-    new = 16 if args.tiny else args.new_tokens
+    new = 8 if args.tiny else args.new_tokens
+    context = 16 if args.tiny else args.context
+    engine_args = {"max_model_len": args.max_model_len} if args.max_model_len else {}
+    if args.tiny:
+        engine_args["num_kv_blocks"] = 64  # the CPU default would zero 0.5 GiB per variant
+    name = f"decode_bs{args.batch}_ctx{context}_{args.kv_cache}.json"
     bw = copy_bandwidth(device)
-    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "copy_bandwidth_B_s": bw,
-           "kv_cache": args.kv_cache, "rows": []}
-    for variant in args.variants.split(","):
-        bits = {"bf16": None, "int4": 4, "int8": 8}[variant]
+    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "tiny": args.tiny,
+           "copy_bandwidth_B_s": bw, "batch": args.batch, "context": context, "new_tokens": new,
+           "kv_cache": args.kv_cache, "engine_args": engine_args, "chat_sampling": QWEN_CHAT_SAMPLING, "rows": []}
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, cfg.vocab_size, (context,), generator=g).tolist() for _ in range(args.batch)]
+    for variant in variants:
+        bits = BITS[variant]
         dtype = (torch.float16 if bits else torch.bfloat16) if device.type == "cuda" else torch.float32
+        t0 = time.perf_counter()
         model = random_model(cfg, dtype, device, bits, group_size=128 if not args.tiny else 32)
-        speed = decode_speed(model, tok, args.batch, args.context, new, kv)
-        nbytes = step_bytes(model, args.context + new // 2, kv)
-        speed.update(variant=variant, step_GB=nbytes / 1e9, roofline_tok_s=args.batch * bw / nbytes if bw == bw else None)
-        res["rows"].append(speed)
-        del model
+        llm = LLM(model, tokenizer=tok, kv_cache_dtype=kv, progress=False, **engine_args)
+        for mode in modes:  # warm: prefill kernels, the decode graph of this batch, the sampler's path
+            llm.generate([p[:32] for p in prompts], sampling(mode, 4))
+        setup_s = time.perf_counter() - t0
+        nbytes = step_bytes(model, context + new // 2, kv)
+        for mode in modes:
+            row, outs = decode_speed(llm, prompts, new, mode)
+            row.update(variant=variant, mode=mode, step_GB=nbytes / 1e9, setup_s=setup_s,
+                       roofline_tok_s=args.batch * bw / nbytes if bw == bw else None)
+            tol = greedy_tolerance(model, kv)
+            gap = greedy_gap(model, prompts[0], outs[0].token_ids) if mode == "greedy" else 0.0
+            row.update(greedy_gap=gap, tolerance=tol, ok=gap <= tol and not row["wrong_token_counts"])
+            res["rows"].append(row)
+            write_json(res, name)
+            print(f"{variant} {mode}: {row['tok_s']:.1f} tok/s (setup {setup_s:.0f} s), greedy gap {gap:.3g}, "
+                  f"{'ok' if row['ok'] else 'WRONG'}", flush=True)
+        llm.close()
+        del model, llm
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if not args.no_fastref:
-        res["fastref"] = fastref(device)
-    base = next((r["tok_s"] for r in res["rows"] if r["variant"] == "bf16"), None)
-    ref = (res.get("fastref") or {}).get("fastref_bs1_tok_s")
-    print(f"\ndevice {res['device']}  copy bandwidth {bw / 1e12:.2f} TB/s  batch {args.batch}  context {args.context}"
-          f"  KV {args.kv_cache}")
-    print(f"{'variant':<8}{'tok/s':>9}{'GB/step':>9}{'roofline':>10}{'% roof':>8}{'x bf16':>8}{'x fastref':>10}")
+        res["fastref"] = run_fastref(args.batch, 64 if args.tiny else 1024, args.fastref_timeout, args.tiny)
+        write_json(res, name)
+    ref = (res.get("fastref") or {}).get(f"fastref_bs{args.batch}_tok_s")
+    print(f"\ndevice {res['device']}  copy bandwidth {bw / 1e12:.2f} TB/s  batch {args.batch}  context {context}"
+          f"  KV {args.kv_cache}  engine {engine_args or 'defaults'}"
+          + ("  [tiny CPU smoke run: numbers mean nothing]" if args.tiny else ""))
+    print(f"{'variant':<8}{'mode':<8}{'tok/s':>9}{'GB/step':>9}{'roofline':>10}{'% roof':>8}{'x bf16':>8}"
+          f"{'x fastref':>10}  check")
     for r in res["rows"]:
         roof = r["roofline_tok_s"]
-        print(f"{r['variant']:<8}{r['tok_s']:>9.1f}{r['step_GB']:>9.2f}{(roof or float('nan')):>10.1f}"
+        base = next((b["tok_s"] for b in res["rows"] if b["variant"] == "bf16" and b["mode"] == r["mode"]), None)
+        print(f"{r['variant']:<8}{r['mode']:<8}{r['tok_s']:>9.1f}{r['step_GB']:>9.2f}{(roof or float('nan')):>10.1f}"
               f"{(100 * r['tok_s'] / roof if roof else float('nan')):>7.0f}%"
-              f"{(r['tok_s'] / base if base else float('nan')):>8.2f}{(r['tok_s'] / ref if ref else float('nan')):>10.2f}")
+              f"{(r['tok_s'] / base if base else float('nan')):>8.2f}{(r['tok_s'] / ref if ref else float('nan')):>10.2f}"
+              f"  {'ok' if r['ok'] else 'WRONG'}")
+    if res.get("fastref", {}).get("error"):
+        print("fastref:", res["fastref"]["error"])
     print("targets (PERFORMANCE.md): bf16 >= 85% of roofline and >= 1.3x fastref; int4 >= 2.5x bf16")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"decode_bs{args.batch}_ctx{args.context}_{args.kv_cache}.json").write_text(
-            json.dumps(res, indent=2))
+    sys.exit(0 if all(r["ok"] for r in res["rows"]) else 1)
 
 
 if __name__ == "__main__":

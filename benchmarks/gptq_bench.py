@@ -13,27 +13,28 @@ What it measures, all in one run (PERFORMANCE.md: ratios against baselines of th
    vs bf16 F.linear (cuBLAS), and the 32-layer sum.
 Every timed kernel is first checked against the fp32 torch reference on fresh random weights with a NaN-poisoned
 output, in fp16 and bf16. Times are medians of triton.testing.do_bench, which flushes the L2 before every call, so
-weights come from HBM as in a real decode step. Prints a table last; writes JSON into $OUT when set.
+weights come from HBM as in a real decode step. Prints a table last; writes $OUT/gptq_bench.json after every row
+when OUT is set.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 GROUP = 128
 LAYERS = 32
 FULL = dict(gemv=[(4096, 12288), (4096, 11008), (11008, 4096)],
             decode={"c_attn": (4096, 12288), "attn.c_proj": (4096, 4096), "w2+w1": (4096, 22016),
                     "mlp.c_proj": (11008, 4096)}, rows=[1, 16, 64], copy_bytes=1 << 30)
-TINY = dict(gemv=[(256, 384), (256, 352), (352, 256)],
-            decode={"c_attn": (128, 384), "attn.c_proj": (128, 128), "w2+w1": (128, 704), "mlp.c_proj": (352, 128)},
-            rows=[1, 16, 64], copy_bytes=1 << 20)
+TINY = dict(gemv=[(256, 96), (384, 64)],
+            decode={"c_attn": (128, 96), "attn.c_proj": (128, 32), "w2+w1": (128, 128), "mlp.c_proj": (256, 32)},
+            rows=[1, 64], copy_bytes=1 << 20)
 
 
 def main() -> None:
@@ -52,6 +53,7 @@ def main() -> None:
     import triton.testing
 
     from nanoqwen.kernels import gptq_matmul as gm
+    from throughput import write_json
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = TINY if args.tiny else FULL
@@ -60,8 +62,7 @@ def main() -> None:
     def bench_ms(fn) -> float:
         if dev.type == "cuda":
             return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        fn()
-        t = time.perf_counter()
+        t = time.perf_counter()  # the interpreter: one call, no warm-up (the numbers mean nothing)
         fn()
         return (time.perf_counter() - t) * 1e3
 
@@ -88,6 +89,7 @@ def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter)",
                  "torch": torch.__version__, "triton": triton.__version__, "group_size": GROUP, "tiny": args.tiny}
     failures: list[str] = []
+    res["failures"] = failures
     # bf16 F.linear is a fine check for 1e-2; fp16 GPTQ outputs round to ~5e-4, bf16 ones to ~4e-3
     tol = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
     check_dtypes = [torch.float16, torch.bfloat16] if dev.type == "cuda" else [torch.float16]
@@ -102,7 +104,7 @@ def main() -> None:
     del src, dst
 
     # 2. GEMV bandwidth
-    gemv_rows = []
+    gemv_rows = res["gemv"] = []
     for K, N in sizes["gemv"]:
         for bits in (4, 8):
             layer = random_layer(K, N, bits)
@@ -129,11 +131,11 @@ def main() -> None:
                        all_bytes_GBps=round(total / t / 1e6, 1), frac_of_copy=round(packed / t / 1e6 / copy_gbs, 3),
                        default_config=gm.gemv_config(1, N, K, bits, dev), best_config=cfg or "default", rel_err=errs)
             gemv_rows.append(row)
+            write_json(res, "gptq_bench.json")
             del layer
-    res["gemv"] = gemv_rows
 
     # 3. decode-step matmuls
-    decode_rows = []
+    decode_rows = res["decode"] = []
     totals: dict[tuple[int, str], float] = {}
     for name, (K, N) in sizes["decode"].items():
         w_bf16 = (torch.randn(N, K, device=dev) * 0.02).to(torch.bfloat16)
@@ -157,10 +159,10 @@ def main() -> None:
                 row[f"int{bits}_rel_err"] = errs
                 totals[(M, f"int{bits}")] = totals.get((M, f"int{bits}"), 0.0) + t
             decode_rows.append(row)
+            write_json(res, "gptq_bench.json")
         del w_bf16, layers
-    res["decode"] = decode_rows
     res["decode_step_matmuls_ms"] = {f"M{M}_{kind}": round(t * LAYERS, 3) for (M, kind), t in totals.items()}
-    res["failures"] = failures
+    write_json(res, "gptq_bench.json")
 
     # table
     print(f"device: {res['device']}   torch {res['torch']}   triton {res['triton']}   copy bandwidth "
@@ -179,11 +181,6 @@ def main() -> None:
               f"int8 {i8:8.3f} ms ({b / i8:.2f}x)")
     print("\ncorrectness: " + ("all checks passed" if not failures else f"{len(failures)} FAILED:\n  "
                                + "\n  ".join(failures)))
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        path = Path(out_dir) / ("gptq_bench_tiny.json" if args.tiny else "gptq_bench.json")
-        path.write_text(json.dumps(res, indent=1, default=str))
-        print(f"wrote {path}")
     if failures:
         sys.exit(1)
 

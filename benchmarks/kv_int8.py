@@ -19,13 +19,12 @@ same memory, >= 1.2x decode speed at 8k context):
    decode batch (32 tokens) and a prefill (8192 tokens).
 Correctness in the same run: every kernel output is NaN-poisoned first; int8 decode against `paged_attention_ref`
 reading the same int8 cache (and its quantization error against the bf16 result), the int8 store bit-exact against
-`store_kv_int8_ref`. Prints a table last; writes everything to $OUT/kv_int8.json when OUT is set. Exit status 1 if a
+`store_kv_int8_ref`. Prints a table last; writes $OUT/kv_int8.json after every row when OUT is set. Exit status 1 if a
 result is wrong.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -37,18 +36,20 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if DEV == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernels run interpreted
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nanoqwen.kernels import kv_store, paged_attention  # noqa: E402
 from nanoqwen.kv_cache import KVCache  # noqa: E402
 from nanoqwen.quant.kv_int8 import store_kv_int8_ref  # noqa: E402
+from throughput import write_json  # noqa: E402
 
 FIELDS = ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")  # a LayerCache's tensors
 TARGET_BYTES, TARGET_SEQS, TARGET_SPEED = 0.53, 1.9, 1.2  # PERFORMANCE.md
 WEIGHT_BYTES = 14.2e9  # Qwen-7B bf16 weights read per decode step (PERFORMANCE.md)
 FULL = dict(layers=32, heads=32, head_dim=128, ctx=8192, batches=[1, 32], budgets_gib=[16, 64], seq_len=4096,
             store_tokens=[32, 8192], block_size=16, dtype=torch.bfloat16, copy_bytes=1 << 30)
-TINY = dict(layers=2, heads=2, head_dim=32, ctx=80, batches=[1, 4], budgets_gib=[16, 64], seq_len=4096,
-            store_tokens=[4, 40], block_size=16, dtype=torch.float32, copy_bytes=1 << 20)
+TINY = dict(layers=2, heads=2, head_dim=32, ctx=48, batches=[1, 2], budgets_gib=[16, 64], seq_len=4096,
+            store_tokens=[4, 20], block_size=16, dtype=torch.float32, copy_bytes=1 << 20)
 # --sweep: (BLOCK_N, num_warps) of the decode kernel, tried on the int8 cache (a byte a value: larger tiles may pay)
 DECODE_SWEEP, DECODE_SWEEP_TINY = [(32, 4), (64, 4), (128, 4), (64, 8), (128, 8), (256, 8)], [(16, 1), (32, 1)]
 
@@ -63,11 +64,9 @@ def bench_ms(fn, tiny: bool) -> float:
     if not tiny:
         import triton.testing
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    t = time.perf_counter()  # the interpreter: one call, no warm-up (the numbers mean nothing)
     fn()
-    times = []
-    for _ in range(3):
-        t = time.perf_counter(); fn(); sync(); times.append(time.perf_counter() - t)
-    return sorted(times)[1] * 1e3
+    return (time.perf_counter() - t) * 1e3
 
 
 def cache_bytes_per_token(cfg, kv_cache_dtype) -> int:
@@ -100,12 +99,14 @@ def main():
            "triton": triton.__version__, "seed": seed, "dtype": str(dtype), "layers": L, "heads": H, "head_dim": D,
            "block_size": bs, "rows": []}
     rows, wrong = res["rows"], []
+    res["wrong"], res["tiny"] = wrong, tiny
 
     def row(name, value, unit, baseline="", ratio=None, target=None, higher=True, err=None, **extra):
         ok = "" if target is None or ratio is None else \
             ("yes" if (ratio >= target if higher else ratio <= target) else "NO")
         rows.append(dict(name=name, value=value, unit=unit, baseline=baseline, ratio=ratio, target=target,
                          higher_is_better=higher, ok=ok, max_err=err, **extra))
+        write_json(res, "kv_int8.json")
         print(f"{name}: {value:.4g} {unit} {baseline} ratio={ratio} err={err}", flush=True)
 
     # ---- copy bandwidth (read + written)
@@ -168,9 +169,8 @@ def main():
         attn_ms[B] = (t_fp, t_q)
         bytes_fp = 2 * B * ctx * H * D * k_cache.element_size()
         bytes_q = 2 * B * ctx * H * (D + 2 * q8.k_scale.element_size())
-        splits = paged_attention.num_kv_splits(B, H, ctx, paged_attention._tiles(D)[2], torch.device(DEV))
         row(f"decode attn {B}x{ctx}, x{L} layers", L * t_q, "ms", f"bf16 {L * t_fp:.3f} ms", t_fp / t_q, TARGET_SPEED,
-            err=err_q, bf16_err=err_fp, int8_vs_bf16_err=quant_err, splits=splits,
+            err=err_q, bf16_err=err_fp, int8_vs_bf16_err=quant_err,
             int8_GBps=bytes_q / t_q / 1e6, bf16_GBps=bytes_fp / t_fp / 1e6, copy_GBps=copy_bw)
         print(f"  int8 {bytes_q / t_q / 1e6:.0f} GB/s, bf16 {bytes_fp / t_fp / 1e6:.0f} GB/s (copy {copy_bw:.0f}); "
               f"int8 vs bf16 output max diff {quant_err:.3g}", flush=True)
@@ -237,10 +237,7 @@ def main():
               f"{r['ok']:>5}{err:>10}")
     if wrong:
         print("WRONG RESULTS:\n  " + "\n  ".join(wrong))
-    res["wrong"] = wrong
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "kv_int8.json"), "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(res, "kv_int8.json")
     sys.exit(1 if wrong else 0)
 
 
