@@ -257,7 +257,8 @@ class LLM:
         self._aborted.append(RequestOutput(seq, [], ""))
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.has_work() or self._aborted or self._inflight)
+        live_inflight = self._inflight is not None and any(s.status != FINISHED for s in self._inflight.sampled)
+        return bool(self.scheduler.has_work() or self._aborted or live_inflight)
 
     # ------------------------------------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
@@ -312,7 +313,8 @@ class LLM:
                 hits = [i for i in (seq.text.find(s, start) for s in seq.params.stop) if i >= 0]
                 if hits:
                     seq.text, reason = seq.text[:min(hits)], "stop"
-        if reason is None and (seq.num_output >= seq.params.max_new_tokens or seq.num_tokens >= self.max_model_len):
+        read = len(seq.token_ids)  # (a token of a step launched since may be pending: not counted here)
+        if reason is None and (read - seq.num_prompt >= seq.params.max_new_tokens or read >= self.max_model_len):
             reason = "length"
         if reason is not None:
             if not (reason == "stop" and tok not in seq.stop_ids):
