@@ -3,15 +3,16 @@
 A small random model with Qwen-7B's head dim (128) runs one decode step through the CUDA code path (the Triton
 kernels, NANOQWEN_KERNELS=triton; on the CPU in Triton's interpreter), driven as the engine's CUDA-graph decode does:
 `model(tokens, AttentionMetadata(...decode...), kv_cache)`. Counted:
-- aten ops that launch work on a GPU, caught with a TorchDispatchMode: every op except views and other
-  metadata-only ops (outputs aliasing an input), bare allocations (empty*) and host reads of a value
+- aten ops that launch work on a GPU, caught with a TorchDispatchMode: every op except views (outputs aliasing an
+  input), ops that return no tensor (dtype promotion), bare allocations (empty*) and host reads of a value
   (`_local_scalar_dense`: counted apart as host syncs, which a CUDA graph cannot hold). One aten op counts one launch;
   on a GPU a cuBLAS matmul may add a kernel of its own (a split-K reduction, a bias copy);
 - Triton kernel launches (the torch ops the interpreter runs inside a launch are not counted).
 Ops run inside `transformer.h[i]` count for layer i, the rest as "outside". CPU-only input checks are not counted
 (`Qwen._check_ids` runs on CPU tensors only; on CUDA it does nothing).
 
-    python benchmarks/launches.py [--batch 1] [--context 700] [--kv-cache int8] [--gptq 4] [--eager]
+    python benchmarks/launches.py [--batch 1] [--context 700] [--kv-cache int8 [--kv-quant-mode qwen]] [--gptq 4]
+                                  [--eager]
 
 `--eager` adds `logits_indices` as the engine's non-graph path (`LLM._prepare`) does. Prints a table, then one JSON
 line.
@@ -45,9 +46,12 @@ NO_LAUNCH = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_li
 HOST_SYNC = {aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default}
 
 
-def is_view(func) -> bool:
-    """An op whose output aliases an input without writing it: a view, no kernel."""
-    return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+def launches_nothing(func) -> bool:
+    """A view (its output aliases an input without writing it) or an op that returns no tensor (dtype promotion,
+    sizes): no kernel."""
+    returns = func._schema.returns
+    views = any(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+    return views or not any("Tensor" in str(r.type) for r in returns)
 
 
 class LaunchCounter(TorchDispatchMode):
@@ -63,7 +67,7 @@ class LaunchCounter(TorchDispatchMode):
             name = str(func.overloadpacket.__name__)
             if func in HOST_SYNC:
                 self.syncs.append(f"{self.where}: {name}")
-            elif func not in NO_LAUNCH and not is_view(func):
+            elif func not in NO_LAUNCH and not launches_nothing(func):
                 self.counts[self.where][f"aten.{name}"] += 1
         return func(*args, **(kwargs or {}))
 
@@ -121,7 +125,7 @@ def build(args, device):
     max_blocks = max_model_len // block_size
     B = args.batch
     cache = KVCache(cfg.num_hidden_layers, B * max_blocks, block_size, cfg.num_attention_heads, cfg.head_dim, dtype,
-                    device, args.kv_cache, "default")
+                    device, args.kv_cache, args.kv_quant_mode)
     if args.kv_cache is None:
         cache.k.normal_()
         cache.v.normal_()
@@ -154,6 +158,7 @@ def main():
     p.add_argument("--context", type=int, default=700, help="context length after this step (the first sequence)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--kv-cache", choices=["int8"], default=None)
+    p.add_argument("--kv-quant-mode", choices=["default", "qwen"], default="default")
     p.add_argument("--gptq", type=int, choices=[4, 8], default=None, help="swap in GPTQ linears of these bits")
     p.add_argument("--eager", action="store_true", help="the non-graph decode metadata (with logits_indices)")
     args = p.parse_args()
@@ -183,7 +188,8 @@ def main():
     print(json.dumps(dict(per_layer=per_layer[0], outside=sum(outside.values()), layers=len(per_layer),
                           total=total, qwen7b_total=32 * per_layer[0] + sum(outside.values()),
                           host_syncs=len(counter.syncs), batch=args.batch, context=args.context,
-                          kv_cache=args.kv_cache, gptq=args.gptq, eager=args.eager, device=device.type)))
+                          kv_cache=args.kv_cache, kv_quant_mode=args.kv_quant_mode, gptq=args.gptq, eager=args.eager,
+                          device=device.type)))
 
 
 if __name__ == "__main__":
