@@ -252,14 +252,16 @@ def test_paged_attention_rope_logn(dtype, rng):
     _run_paged(rng, dtype, H, D, ctx, False, None, positions=True)
 
 
-def test_paged_attention_static_grid(rng, monkeypatch):
+@pytest.mark.parametrize("splits", [None, 13], ids=["auto_splits", "thirteen_splits"])
+def test_paged_attention_static_grid(splits, rng, monkeypatch):
     """As a CUDA graph replays it: the grid sized for a static max_context_len far beyond every context, a padding
-    row (context 0), and NaN-poisoned split workspace: each sequence must merge only its own ranges."""
+    row (context 0), and NaN-poisoned split workspace: each sequence must cut its own context and merge only its
+    own splits (programs past them exit without writing)."""
     def poisoned(*shape, device):
         return torch.full(shape, NAN, device=device)
     monkeypatch.setattr(paged_attention, "_workspace", poisoned)
-    ctx = [randint(rng, 40, 100), 0, randint(rng, 1, 31), 32]  # several ranges, none, one, exactly one
-    out = _run_paged(rng, torch.float32, 2, 32, ctx, True, None, max_context_len=400)
+    ctx = [randint(rng, 40, 100), 0, randint(rng, 1, 31), 32]  # several splits, none, one, exactly one
+    out = _run_paged(rng, torch.float32, 2, 32, ctx, True, splits, max_context_len=400)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 

@@ -1,11 +1,12 @@
 """Decode attention: one query token per sequence over its paged KV cache (block_tables, context_lens).
 
-The Triton path is flash-decoding over a fixed partition: each sequence's context is cut into ranges of `partition`
-tokens (512 on a GPU), one program per (sequence, head, range) runs an online softmax over its range and writes its
-normalised partial output and log-sum-exp, and a second kernel merges each sequence's own ranges. The grid holds
-enough ranges for `max_context_len` (a host int: static per CUDA-graph bucket); a program past its sequence's context
-exits at once, so the work follows the real context lengths, read on the device (no host sync). When
-`max_context_len` fits one range the first kernel writes the output directly.
+The Triton path is flash-decoding. The grid is (sequence, head, split) with a number of splits S chosen on the host
+from the batch, the heads and `max_context_len` (host ints: static per CUDA-graph bucket). Each sequence's own context,
+read on the device, is cut evenly into at most S splits of at least `min_split` tokens (vLLM's triton decode does the
+same with 16 segments), so the work follows the real context lengths: at 512 tokens and batch 1, 4 splits a head work
+where a split of the static 32k maximum left one. A program past its sequence's splits exits at once; each runs an
+online softmax over its split and writes its normalised partial output and log-sum-exp, and a second kernel merges
+the sequence's own splits. With S = 1 the first kernel writes the output directly.
 Keys and values are read tile by tile in a software-pipelined loop (`tl.range(..., num_stages)`); `block_size` is a
 compile-time constant (block index and offset are a shift and a mask for powers of two). RoPE on q and LogN can be
 done here too (`rope=`, `logn_seq_length=`: the decode step's fused path; nanoqwen.kernels.rope).
@@ -57,9 +58,16 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 @triton.jit
+def _split_len(ctx, num_splits, min_split, BLOCK_N: tl.constexpr):
+    """Tokens per split of a context of `ctx` tokens cut into at most `num_splits`: about even, at least `min_split`,
+    whole key tiles. Its splits are cdiv(ctx, split_len) <= num_splits (0 for an empty context)."""
+    return tl.cdiv(tl.maximum(tl.cdiv(ctx, num_splits), min_split), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _paged_attn_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, lse_ptr,
                        stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
-                       stride_ob, stride_oh, stride_os, stride_lb, stride_lh, qk_scale, partition,
+                       stride_ob, stride_oh, stride_os, stride_lb, stride_lh, qk_scale, min_split,
                        logn_ptr, positions_ptr, ntk_ptr, inv_freq_ptr, stride_f, logn_seq_length,
                        k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_sb, stride_ss, stride_sh,
                        LOGN: tl.constexpr, ROPE: tl.constexpr, ROTARY_DIM: tl.constexpr, SPLIT: tl.constexpr,
@@ -69,10 +77,11 @@ def _paged_attn_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, contex
     head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + seq)
-    lo = split * partition
-    if SPLIT and lo >= ctx:  # past this sequence's context: the reduction does not read this range
+    split_len = _split_len(ctx, tl.num_programs(2), min_split, BLOCK_N)
+    lo = split * split_len
+    if SPLIT and lo >= ctx:  # past this sequence's splits: the reduction does not read this one
         return
-    hi = tl.minimum(ctx, lo + partition)
+    hi = tl.minimum(ctx, lo + split_len)
     dims = tl.arange(0, HEAD_DIM)
 
     q_ptrs = q_ptr + seq * stride_qb + head * stride_qh + dims
@@ -132,14 +141,15 @@ def _paged_attn_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, contex
 
 
 @triton.jit
-def _paged_reduce_kernel(part_ptr, lse_ptr, out_ptr, context_lens_ptr, partition,
+def _paged_reduce_kernel(part_ptr, lse_ptr, out_ptr, context_lens_ptr, grid_splits, min_split,
                          stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-                         HEAD_DIM: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
-    """Merge sequence `seq`'s own ranges (cdiv(context, partition) of them) for one head: two passes over the
-    log-sum-exps (their max, then the weights), SPLIT_BLOCK ranges at a time."""
+                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """Merge sequence `seq`'s own splits for one head: two passes over their log-sum-exps (the max, then the
+    weights), SPLIT_BLOCK splits at a time."""
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
-    num_splits = tl.cdiv(tl.load(context_lens_ptr + seq), partition)
+    ctx = tl.load(context_lens_ptr + seq)
+    num_splits = tl.cdiv(ctx, _split_len(ctx, grid_splits, min_split, BLOCK_N))
     dims = tl.arange(0, HEAD_DIM)
     lse_base = lse_ptr + seq * stride_lb + head * stride_lh
     part_base = part_ptr + seq * stride_pb + head * stride_ph
@@ -161,15 +171,17 @@ def _paged_reduce_kernel(part_ptr, lse_ptr, out_ptr, context_lens_ptr, partition
 
 
 def _tiles(head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_N keys per step, num_warps, partition: tokens per split); small in the interpreter to exercise splits.
+    """(BLOCK_N keys per step, num_warps, smallest split in tokens); small in the interpreter to exercise splits.
 
-    On Hopper (sm_90 builds) hd 128 at BLOCK_N 64 with 4 warps and 3 stages: see benchmarks/NOTES.md for registers.
-    Partition 512 as vLLM's paged attention: long enough that a split's online softmax amortises its partial write,
-    short enough that 4k tokens give 8 splits a (sequence, head). Not yet tuned on timings.
+    On Hopper (sm_90 builds, benchmarks/NOTES.md) hd 128 at BLOCK_N 64 with 4 warps and 2 stages takes 96-116
+    registers and 34 KB of shared memory (the pipelined K/V tiles), no spills. Not yet tuned on timings.
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 1, 32
-    return (64, 4, 512) if head_dim >= 128 else (128, 4, 512)
+    return (64, 4, 128) if head_dim >= 128 else (128, 4, 256)
+
+
+MAX_SPLIT = 8192  # tokens a program reads at most when the batch alone fills the GPU: bounds one long context's tail
 
 
 def _workspace(*shape, device) -> torch.Tensor:
@@ -177,10 +189,13 @@ def _workspace(*shape, device) -> torch.Tensor:
     return torch.empty(*shape, device=device, dtype=torch.float32)
 
 
-def num_kv_splits(batch: int, heads: int, max_context_len: int, partition: int, device: torch.device) -> int:
-    """Ranges in the grid for contexts up to `max_context_len`: cdiv(max_context_len, partition). Host ints only.
-    (batch, heads and device do not change it: the partition is fixed, and each sequence uses only its own ranges.)"""
-    return max(1, triton.cdiv(max_context_len, partition))
+def num_kv_splits(batch: int, heads: int, max_context_len: int, min_split: int, device: torch.device) -> int:
+    """Splits in the grid (host ints only: static per batch size and max_context_len): enough (sequence, head, split)
+    programs to fill the GPU about 4 times over, and at most MAX_SPLIT tokens a program, never below `min_split`
+    tokens a split. Each sequence uses only as many as its own context needs (`_split_len`)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    want = max(triton.cdiv(4 * sms, max(batch * heads, 1)), triton.cdiv(max_context_len, MAX_SPLIT))
+    return max(1, min(want, triton.cdiv(max_context_len, min_split)))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -193,8 +208,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     q [B, heads, head_dim] (unit stride on head_dim); k_cache, v_cache [num_blocks, block_size, heads, head_dim];
     block_tables [B, max_blocks] int32; context_lens [B] int32 (each <= max_context_len, a host int that sizes the
-    grid; 0 means "use the block table's capacity"). `num_splits` forces the number of ranges the longest context is
-    cut into (None: ranges of the default partition). `out` (optional, q's shape and dtype, unit head_dim stride)
+    grid; 0 means "use the block table's capacity"). `num_splits` forces the splits of the grid (None: from batch,
+    heads and max_context_len); every context is cut into at most that many. `out` (optional, q's shape and dtype,
+    unit head_dim stride)
     receives the result instead of a new tensor.
     `rope` (optional): q is not rotated yet; each query is rotated here at rope.positions[i], NTK row
     rope.ntk_index[i]. `logn_seq_length` (with `rope`): LogN factors from those positions, instead of `logn`.
@@ -212,10 +228,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out
     if max_context_len <= 0:
         max_context_len = block_tables.shape[1] * k_cache.shape[1]
-    block_n, warps, partition = _tiles(D)
-    if num_splits is not None:
-        partition = triton.cdiv(triton.cdiv(max_context_len, num_splits), block_n) * block_n
-    splits = num_kv_splits(B, H, max_context_len, partition, q.device)
+    block_n, warps, min_split = _tiles(D)
+    splits = num_splits or num_kv_splits(B, H, max_context_len, min_split, q.device)
     stages = 1 if os.environ.get("TRITON_INTERPRET") == "1" else NUM_STAGES
     common = (q, k_cache, v_cache, block_tables, context_lens)
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
@@ -232,12 +246,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                   BLOCK_SIZE=k_cache.shape[1], QUANT=k_scale is not None, NUM_STAGES=stages, num_warps=warps)
     if splits == 1:
         _paged_attn_kernel[(B, H, 1)](*common, out, out, *strides, out.stride(0), out.stride(1), 0, 0, 0,
-                                      scale * LOG2E, partition, *position_args, *quant, SPLIT=False, **consts)
+                                      scale * LOG2E, min_split, *position_args, *quant, SPLIT=False, **consts)
         return out
     part = _workspace(B, H, splits, D, device=q.device)
     lse = _workspace(B, H, splits, device=q.device)
     _paged_attn_kernel[(B, H, splits)](*common, part, lse, *strides, *part.stride()[:3], *lse.stride()[:2],
-                                       scale * LOG2E, partition, *position_args, *quant, SPLIT=True, **consts)
-    _paged_reduce_kernel[(B, H)](part, lse, out, context_lens, partition, *part.stride()[:3], *lse.stride()[:2],
-                                 out.stride(0), out.stride(1), HEAD_DIM=D, SPLIT_BLOCK=16, num_warps=4)
+                                       scale * LOG2E, min_split, *position_args, *quant, SPLIT=True, **consts)
+    _paged_reduce_kernel[(B, H)](part, lse, out, context_lens, splits, min_split, *part.stride()[:3],
+                                 *lse.stride()[:2], out.stride(0), out.stride(1), HEAD_DIM=D, BLOCK_N=block_n,
+                                 SPLIT_BLOCK=16, num_warps=4)
     return out
