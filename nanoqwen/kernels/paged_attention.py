@@ -22,7 +22,7 @@ from ..rope import apply_rotary, logn_factors, rotary_tables
 from .rope import RopeArgs, logn_factor, rope_cos_sin, rope_launch_args, rotate, round_to
 
 LOG2E = 1.4426950408889634
-NUM_STAGES = 2  # K/V tiles loaded ahead of use (software pipelining, cp.async); 1 in the interpreter
+NUM_STAGES = 2  # K/V tiles in the software pipeline (cp.async loads one tile ahead of use)
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -230,7 +230,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         max_context_len = block_tables.shape[1] * k_cache.shape[1]
     block_n, warps, min_split = _tiles(D)
     splits = num_splits or num_kv_splits(B, H, max_context_len, min_split, q.device)
-    stages = 1 if os.environ.get("TRITON_INTERPRET") == "1" else NUM_STAGES
     common = (q, k_cache, v_cache, block_tables, context_lens)
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
     position_args = (logn if logn is not None else q, *rope_launch_args(rope, q), logn_seq_length)
@@ -243,7 +242,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         quant = (q, q, q, q, 0, 0, 0)
     consts = dict(LOGN=1 if logn is not None else 2 if logn_seq_length else 0, ROPE=rope is not None,
                   ROTARY_DIM=2 * rope.inv_freq.shape[1] if rope is not None else 2, HEAD_DIM=D, BLOCK_N=block_n,
-                  BLOCK_SIZE=k_cache.shape[1], QUANT=k_scale is not None, NUM_STAGES=stages, num_warps=warps)
+                  BLOCK_SIZE=k_cache.shape[1], QUANT=k_scale is not None, NUM_STAGES=NUM_STAGES, num_warps=warps)
     if splits == 1:
         _paged_attn_kernel[(B, H, 1)](*common, out, out, *strides, out.stride(0), out.stride(1), 0, 0, 0,
                                       scale * LOG2E, min_split, *position_args, *quant, SPLIT=False, **consts)
