@@ -2,18 +2,22 @@
 
 Module names mirror the official checkpoint (`transformer.h.{i}.attn.c_attn`, ...), except that the MLP's two input
 projections are stored fused as `mlp.w2_w1` (rows of w2, the SiLU-gated branch, then rows of w1): one matmul.
+The residual stream is carried beside each block's output and added inside the next norm (as vLLM does), so that on
+the Triton path every add is fused into an RMSNorm launch; the sums are the same as x = x + f(x).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionMetadata, attention
 from .config import QwenConfig
-from .rope import RotaryEmbedding, apply_rotary, logn_factors, ntk_index
+from .kernels import use_triton
+from .kernels.activation import silu_mul, silu_mul_ref
+from .kernels.rms_norm import rms_norm, rms_norm_ref
+from .rope import RotaryEmbedding, StepRope, apply_rotary, ntk_index
 
 
 class RMSNorm(nn.Module):
@@ -22,10 +26,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # as the reference: normalise in fp32, cast to the activation dtype, then scale by the weight
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """RMSNorm(x) as the reference (normalise in fp32, cast to the activation dtype, then scale by the weight);
+        with `residual`, of s = x + residual, returning (normed, s) in one pass."""
+        norm = rms_norm if use_triton(x.device) else rms_norm_ref
+        out, total = norm(x, self.weight, self.eps, residual)
+        return out if residual is None else (out, total)
 
 
 class Attention(nn.Module):
@@ -35,11 +41,14 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)  # Q | K | V, contiguous thirds
         self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=not cfg.no_bias)
 
-    def forward(self, x, cos, sin, logn, meta: AttentionMetadata, kv):
+    def forward(self, x, rope: StepRope, meta: AttentionMetadata, kv):
         T = x.shape[0]
         q, k, v = self.c_attn(x).view(T, 3, self.n_head, self.head_dim).unbind(1)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # keys are cached rotated, without LogN
-        o = attention(q, k, v, meta, kv, logn)  # LogN scales the queries inside (fused into the kernels)
+        if rope.cos is None:  # through the kernels: RoPE (keys cached rotated) and LogN inside their launches
+            o = attention(q, k, v, meta, kv, rope=rope)
+        else:
+            q, k = apply_rotary(q, rope.cos, rope.sin), apply_rotary(k, rope.cos, rope.sin)  # keys cached rotated
+            o = attention(q, k, v, meta, kv, rope.logn)  # LogN scales the queries inside
         return self.c_proj(o.reshape(T, -1))
 
 
@@ -50,8 +59,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(cfg.mlp_width, cfg.hidden_size, bias=not cfg.no_bias)
 
     def forward(self, x):
-        gate, up = self.w2_w1(x).chunk(2, dim=-1)  # reference: w1(x) * silu(w2(x))
-        return self.c_proj(up * F.silu(gate))
+        act = silu_mul if use_triton(x.device) else silu_mul_ref  # reference: w1(x) * silu(w2(x))
+        return self.c_proj(act(self.w2_w1(x)))
 
 
 class Block(nn.Module):
@@ -62,9 +71,15 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, logn, meta, kv):
-        x = x + self.attn(self.ln_1(x), cos, sin, logn, meta, kv)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, residual, rope, meta, kv):
+        """x: the previous block's output (the embeddings first), residual: the stream it adds to (None first).
+        Returns this block's output and the stream before it: x + attn(ln_1(x)) + mlp(ln_2(...)) as a pair."""
+        if residual is None:
+            h, residual = self.ln_1(x), x
+        else:
+            h, residual = self.ln_1(x, residual)
+        h, residual = self.ln_2(self.attn(h, rope, meta, kv), residual)
+        return self.mlp(h), residual
 
 
 class Qwen(nn.Module):
@@ -124,14 +139,15 @@ class Qwen(nn.Module):
             meta = AttentionMetadata.for_prefill([S] * B, input_ids.device, [idx] * B)
             return self.forward(input_ids.reshape(-1), meta).view(B, S, -1)
         self._check_ids(input_ids)
-        x = self.transformer.wte(input_ids)
-        cos, sin = self.rotary(meta.positions, meta.ntk_index)
-        logn = logn_factors(meta.positions, self.config.seq_length) if self.config.use_logn_attn else None
+        x, residual = self.transformer.wte(input_ids), None
+        rope = self.rotary.step(meta.positions, meta.ntk_index,
+                                self.config.seq_length if self.config.use_logn_attn else 0,
+                                tables=not use_triton(x.device))  # the kernels compute angles and LogN themselves
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cos, sin, logn, meta, kv_cache.layer(i) if kv_cache is not None else None)
+            x, residual = block(x, residual, rope, meta, kv_cache.layer(i) if kv_cache is not None else None)
         if meta.logits_indices is not None:
-            x = x[meta.logits_indices]
-        return self.lm_head(self.transformer.ln_f(x))
+            x, residual = x[meta.logits_indices], residual[meta.logits_indices]
+        return self.lm_head(self.transformer.ln_f(x, residual)[0])
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.dtype not in (torch.int64, torch.int32):

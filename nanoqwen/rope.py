@@ -8,6 +8,7 @@ table of inverse frequencies, alpha = 2^(ntk_index + 1) - 1 (index 0 = alpha 1 =
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -40,18 +41,56 @@ def inv_freq_for_alpha(alpha: float, base: float, dim: int) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
 
 
+class StepRope(NamedTuple):
+    """RoPE and LogN for one forward step, prepared once and used by every layer.
+
+    The torch path rotates with the cos/sin tables and scales queries by the LogN factors made here. The Triton kernels
+    get no tables: they compute each token's angles and LogN factor from its position and NTK row (AttentionMetadata),
+    `inv_freq` and `logn_seq_length`.
+    """
+    inv_freq: torch.Tensor  # [MAX_NTK_INDEX, rotary_dim // 2] fp32
+    logn_seq_length: int  # LogN scales queries past this length; 0: LogN off
+    cos: torch.Tensor | None = None  # [T, 1, rotary_dim] fp32 (torch path)
+    sin: torch.Tensor | None = None
+    logn: torch.Tensor | None = None  # [T] fp32 (torch path with LogN on)
+
+
+def rotary_tables(positions: torch.Tensor, ntk_index: torch.Tensor,
+                  inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, 1, rotary_dim] in fp32 for each token's absolute position and NTK row of `inv_freq`."""
+    freqs = positions.float()[:, None] * inv_freq.float()[ntk_index]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    return emb.cos(), emb.sin()
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, rotary_dim: int, base: float):
         super().__init__()
-        self.rotary_dim = rotary_dim
-        table = torch.stack([inv_freq_for_alpha(2 ** (k + 1) - 1, base, rotary_dim) for k in range(MAX_NTK_INDEX)])
-        self.register_buffer("inv_freq", table, persistent=False)  # [MAX_NTK_INDEX, rotary_dim // 2], fp32
+        self.rotary_dim, self.base = rotary_dim, base
+        self.register_buffer("inv_freq", self._table(), persistent=False)  # [MAX_NTK_INDEX, rotary_dim // 2], fp32
+
+    def _table(self, device=None) -> torch.Tensor:
+        rows = [inv_freq_for_alpha(2 ** (k + 1) - 1, self.base, self.rotary_dim) for k in range(MAX_NTK_INDEX)]
+        return torch.stack(rows).to(device)
+
+    def _apply(self, fn, recurse=True):
+        """Moves follow the model, but `model.to(dtype)` must not round the fp32 table: rebuilt where it landed."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._table(self.inv_freq.device)
+        return self
 
     def forward(self, positions: torch.Tensor, ntk_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, rotary_dim] in fp32 for each token's absolute position and NTK row."""
-        freqs = positions.float()[:, None] * self.inv_freq.float()[ntk_index]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        return emb.cos(), emb.sin()
+        return rotary_tables(positions, ntk_index, self.inv_freq)
+
+    def step(self, positions: torch.Tensor, ntk_index: torch.Tensor, logn_seq_length: int, tables: bool) -> StepRope:
+        """This step's RoPE and LogN (logn_seq_length 0: no LogN); `tables`: make the torch path's tables."""
+        if not tables:
+            return StepRope(self.inv_freq, logn_seq_length)
+        cos, sin = self(positions, ntk_index)
+        logn = logn_factors(positions, logn_seq_length) if logn_seq_length else None
+        return StepRope(self.inv_freq, logn_seq_length, cos, sin, logn)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

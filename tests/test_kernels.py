@@ -11,10 +11,12 @@ import torch
 import pytest
 
 # tests/conftest.py sets TRITON_INTERPRET=1 without a GPU before anything imports triton
-from nanoqwen.kernels import flash_attention, kv_store, paged_attention
+from nanoqwen.kernels import activation, flash_attention, kv_store, paged_attention, rms_norm, rope
+from nanoqwen.rope import MAX_NTK_INDEX, RotaryEmbedding, logn_factors
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # kernels without tl.dot: bf16 is right interpreted
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 NAN = float("nan")
 
@@ -69,6 +71,59 @@ def qkv(gen, T, heads, head_dim, dtype):
     return randn(gen, T, 3, heads, head_dim, dtype=dtype).unbind(1)
 
 
+def rope_args(gen, T, head_dim, max_pos=40000, rotary_dim=None):
+    """Random positions (up to long-context angles) and NTK rows for T tokens, and the model's fp32 table."""
+    table = RotaryEmbedding(rotary_dim or head_dim, 10000.0).inv_freq.to(DEVICE)
+    positions = torch.randint(0, max_pos, (T,), generator=gen).to(DEVICE)
+    ntk = torch.randint(0, MAX_NTK_INDEX, (T,), generator=gen).to(DEVICE)
+    return rope.RopeArgs(positions, ntk, table)
+
+
+# --------------------------------------------------------------------------------- RMSNorm, SiLU-mul, RoPE
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "add_norm"])
+def test_rms_norm(dtype, with_residual, rng):
+    T, n = randint(rng, 1, 9), [64, 200, 4096][randint(rng, 0, 3)]  # a width off the powers of two
+    x = randn(rng, T, n + 8, dtype=dtype)[:, :n]  # strided rows, as a slice of a wider activation
+    residual = randn(rng, T, n, dtype=dtype) if with_residual else None
+    weight = (1 + 0.1 * randn(rng, n)).to(dtype)
+    eps = 1e-6
+    out, total = (torch.full((T, n), NAN, dtype=dtype, device=DEVICE) for _ in range(2))
+    got, got_total = rms_norm.rms_norm(x, weight, eps, residual, out=out, sum_out=total)
+    ref, ref_total = rms_norm.rms_norm_ref(x, weight, eps, residual)
+    assert got.data_ptr() == out.data_ptr()
+    # the sum is one rounding of an exact fp32 sum: bit for bit
+    torch.testing.assert_close(got_total, ref_total, rtol=0, atol=0,
+                               msg=lambda m: f"rms_norm sum, {dtype}, seed {rng.initial_seed()}: {m}")
+    check(got, ref, dtype, rng, f"rms_norm n={n} residual={with_residual}")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d)[6:])
+def test_silu_mul(dtype, rng):
+    T, width = randint(rng, 1, 9), [32, 300, 1500][randint(rng, 0, 3)]  # one block, several, a ragged last one
+    gate_up = randn(rng, T, 2 * width + 16, dtype=dtype)[:, :2 * width] * 4  # strided rows; silu's both tails
+    out = torch.full((T, width), NAN, dtype=dtype, device=DEVICE)
+    got = activation.silu_mul(gate_up, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    check(got, activation.silu_mul_ref(gate_up), dtype, rng, f"silu_mul width={width}")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("partial", [False, True], ids=["full_rotary", "partial_rotary"])
+def test_rotary_qk(dtype, partial, rng):
+    """q and k rotated in place in the fused projection's buffer; v (the third part) untouched."""
+    T, H, D = randint(rng, 1, 20), 3, [16, 64, 128][randint(rng, 0, 3)]
+    args = rope_args(rng, T, D, rotary_dim=D // 2 if partial else D)
+    qkv = randn(rng, T, 3, H, D, dtype=dtype)
+    before = qkv.clone()
+    q, k, _ = qkv.unbind(1)
+    rope.rotary_qk_(q, k, *args)
+    for i, name in ((0, "q"), (1, "k")):
+        check(qkv[:, i], rope.rotary_ref(before[:, i], *args), dtype, rng,
+              f"rotary_qk_ {name} hd={D} partial={partial}")
+    assert torch.equal(qkv[:, 2], before[:, 2])
+
+
 # ---------------------------------------------------------------------------------------------------- KV store
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_store_kv(dtype, rng):
@@ -85,6 +140,28 @@ def test_store_kv(dtype, rng):
     for out, ref, name in ((k_cache, k_ref, "k_cache"), (v_cache, v_ref, "v_cache")):
         torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True,
                                    msg=lambda m: f"store_kv {name}, {dtype}, seed {rng.initial_seed()}: {m}")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d)[6:])
+def test_store_kv_rope(dtype, rng):
+    """Keys rotated on the way into the cache: bit for bit what rotary_qk_ (tested against torch above) and the
+    plain store give; values stored as they are."""
+    T, H, D, block_size = 13, 3, [32, 128][randint(rng, 0, 2)], 4
+    num_blocks = 9
+    k, v, _ = qkv(rng, T, H, D, dtype)
+    args = rope_args(rng, T, D)
+    slots = torch.randperm(num_blocks * block_size, generator=rng)[:T]
+    slots[torch.randperm(T, generator=rng)[:3]] = -1
+    slots = slots.to(DEVICE)
+    k_cache, v_cache = nan_cache(num_blocks, block_size, H, D, dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    kv_store.store_kv(k, v, k_cache, v_cache, slots, rope=args)
+    k_rot = k.clone()
+    rope.rotary_qk_(k_rot, k_rot.clone(), *args)
+    kv_store.store_kv_ref(k_rot, v, k_ref, v_ref, slots)
+    for out, ref, name in ((k_cache, k_ref, "k_cache"), (v_cache, v_ref, "v_cache")):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m: f"store_kv rope {name}, {dtype}, seed {rng.initial_seed()}: {m}")
 
 
 # ----------------------------------------------------------------------------------------- varlen prefill
@@ -104,7 +181,15 @@ def test_flash_attn_head_dims(head_dim, rng):
     _run_flash(rng, torch.float32, 2, head_dim, [randint(rng, 1, 40), 1, randint(rng, 1, 40)], True, True)
 
 
-def _run_flash(gen, dtype, H, D, q_lens, cached, use_logn):
+def test_flash_attn_logn_from_positions(rng):
+    """LogN computed in the kernel from each query's position (prefix + row) against the factors torch computes."""
+    seq_length, H, D = 8, 2, 32  # positions beyond seq_length: LogN active for most rows
+    q_lens = [randint(rng, 1, 30), 1, randint(rng, 5, 30)]
+    _run_flash(rng, torch.float32, H, D, q_lens, True, True, logn_seq_length=seq_length)
+    _run_flash(rng, torch.float32, H, D, q_lens, False, True, logn_seq_length=seq_length)
+
+
+def _run_flash(gen, dtype, H, D, q_lens, cached, use_logn, logn_seq_length=0):
     T = sum(q_lens)
     cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32).to(DEVICE)
     q, k, v = qkv(gen, T, H, D, dtype)
@@ -127,9 +212,14 @@ def _run_flash(gen, dtype, H, D, q_lens, cached, use_logn):
         cache = dict(k_cache=k_cache, v_cache=v_cache, block_tables=tables.to(DEVICE),
                      context_lens=torch.tensor(ctx, dtype=torch.int32, device=DEVICE))
         max_context_len = max(ctx)
+    kernel_logn = dict(logn=logn)
+    if logn_seq_length:  # the kernel computes the factors of the queries' positions itself
+        starts = [c - n for c, n in zip(ctx, q_lens)] if cached else [0] * len(q_lens)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, q_lens)]).to(DEVICE)
+        logn, kernel_logn = logn_factors(positions, logn_seq_length), dict(logn_seq_length=logn_seq_length)
     out = torch.full_like(q, NAN)
     got = flash_attention.flash_attn_varlen(q, k, v, cu, max(q_lens), scale, **cache,
-                                            max_context_len=max_context_len, logn=logn, out=out)
+                                            max_context_len=max_context_len, out=out, **kernel_logn)
     assert got is out
     ref = flash_attention.flash_attn_varlen_ref(q, k, v, cu, scale, **cache, logn=logn)
     check(out, ref, dtype, gen, f"flash_attn_varlen q_lens={q_lens} hd={D} cached={cached} logn={use_logn}")
@@ -154,7 +244,28 @@ def test_paged_attention_auto_splits_small_batch(rng):
     _run_paged(rng, torch.float32, H, 32, ctx, True, None)
 
 
-def _run_paged(gen, dtype, H, D, ctx, use_logn, splits):
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_paged_attention_rope_logn(dtype, rng):
+    """The fused decode path: q rotated (its position and NTK row) and scaled by LogN of its position in the kernel."""
+    H, D = 2, [32, 128][randint(rng, 0, 2)]
+    ctx = [randint(rng, 1, 120), randint(rng, 1, 40), 1]
+    _run_paged(rng, dtype, H, D, ctx, False, None, positions=True)
+
+
+@pytest.mark.parametrize("splits", [None, 13], ids=["auto_splits", "thirteen_splits"])
+def test_paged_attention_static_grid(splits, rng, monkeypatch):
+    """As a CUDA graph replays it: the grid sized for a static max_context_len far beyond every context, a padding
+    row (context 0), and NaN-poisoned split workspace: each sequence must cut its own context and merge only its
+    own splits (programs past them exit without writing)."""
+    def poisoned(*shape, device):
+        return torch.full(shape, NAN, device=device)
+    monkeypatch.setattr(paged_attention, "_workspace", poisoned)
+    ctx = [randint(rng, 40, 100), 0, randint(rng, 1, 31), 32]  # several splits, none, one, exactly one
+    out = _run_paged(rng, torch.float32, 2, 32, ctx, True, splits, max_context_len=400)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def _run_paged(gen, dtype, H, D, ctx, use_logn, splits, positions=False, max_context_len=None):
     B, block_size = len(ctx), [4, 16][randint(gen, 0, 2)]
     num_blocks, tables = paged_layout(gen, ctx, block_size)
     k_cache, v_cache = nan_cache(num_blocks, block_size, H, D, dtype)
@@ -165,14 +276,18 @@ def _run_paged(gen, dtype, H, D, ctx, use_logn, splits):
     tables = tables.clamp(min=0).to(DEVICE)  # the reference gathers whole rows: entries past a context must be valid
     context_lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
     logn = (1 + torch.rand(B, generator=gen)).to(DEVICE) if use_logn else None
+    fused = dict(rope=rope_args(gen, B, D, max_pos=100), logn_seq_length=30) if positions else {}
     out = torch.full_like(q, NAN)
-    got = paged_attention.paged_attention(q, k_cache, v_cache, tables, context_lens, D ** -0.5, max(ctx), logn,
-                                          num_splits=splits, out=out)
+    got = paged_attention.paged_attention(q, k_cache, v_cache, tables, context_lens, D ** -0.5,
+                                          max_context_len or max(ctx), logn, num_splits=splits, out=out, **fused)
     assert got is out
     # the reference multiplies masked positions by 0, and 0 * NaN is NaN: give it the cache with the poison zeroed
     k_cache, v_cache = k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)
-    ref = paged_attention.paged_attention_ref(q, k_cache, v_cache, tables, context_lens, D ** -0.5, logn)
-    check(out, ref, dtype, gen, f"paged_attention ctx={ctx} hd={D} block={block_size} splits={splits}")
+    ref = paged_attention.paged_attention_ref(q, k_cache, v_cache, tables, context_lens, D ** -0.5, logn, **fused)
+    ref[context_lens == 0] = 0.0  # a padding row: zeros by definition (the reference's softmax over nothing is NaN)
+    check(out, ref, dtype, gen, f"paged_attention ctx={ctx} hd={D} block={block_size} splits={splits} "
+                                f"rope/logn={positions} max_context_len={max_context_len}")
+    return out
 
 
 def test_paged_attention_empty_context_is_zero():
@@ -195,20 +310,22 @@ def tiny_model(golden, monkeypatch):
     return Qwen.from_pretrained(golden / "qwen-tiny" / "checkpoint", device=DEVICE, dtype=torch.float32)
 
 
-def test_tiny_forward_through_kernels(tiny_model, tiny_ref, tiny_ref_tensors):
-    case = tiny_ref["cases"]["fp32/forward/text"]
+@pytest.mark.parametrize("name", ["fp32/forward/text", "fp32/forward/long"])  # long: NTK alpha 7 and LogN
+def test_tiny_forward_through_kernels(tiny_model, tiny_ref, tiny_ref_tensors, name):
+    case = tiny_ref["cases"][name]
     ids = torch.tensor([case["input_ids"]], device=DEVICE)
     with torch.no_grad():
         logits = tiny_model(ids)[0].cpu()
     assert logits.argmax(-1).tolist() == case["argmax"]
-    torch.testing.assert_close(logits[case["positions"]], tiny_ref_tensors["fp32/forward/text/logits"],
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(logits[case["positions"]], tiny_ref_tensors[f"{name}/logits"], rtol=0, atol=1e-4)
 
 
-def test_tiny_prefill_then_decode_through_kernels(tiny_model, tiny_ref, tiny_ref_tensors, rng):
+# long_cross_seq_length: LogN switches on while decoding; long_prefill_beyond: NTK row 1 in every fused decode step
+@pytest.mark.parametrize("name", ["fp32/decode/random", "fp32/decode/long_cross_seq_length",
+                                  "fp32/decode/long_prefill_beyond"])
+def test_tiny_prefill_then_decode_through_kernels(tiny_model, tiny_ref, tiny_ref_tensors, rng, name):
     from conftest import run_paged
 
-    name = "fp32/decode/random"
     case = tiny_ref["cases"][name]
     steps = torch.cat(run_paged(tiny_model, case["input_ids"], case["n_prefill"], generator=rng))  # shuffled blocks
     msg = lambda m: f"{name}: {m}"
@@ -217,3 +334,17 @@ def test_tiny_prefill_then_decode_through_kernels(tiny_model, tiny_ref, tiny_ref
     for i, (top_ids, top_logits) in enumerate(zip(case["top10_ids"], case["top10_logits"])):
         assert steps[i].argmax().item() == top_ids[0], f"{name} step {i}"
         torch.testing.assert_close(steps[i][top_ids], torch.tensor(top_logits), rtol=0, atol=1e-4, msg=msg)
+
+
+def test_gptq_generate_through_kernels(golden, monkeypatch):
+    """GPTQ linears in the fused decode path: the golden int4 greedy tokens, prefill and every decode step through
+    the kernels (fp32 activations)."""
+    import json
+    from nanoqwen import LLM, SamplingParams
+    folder = golden / "qwen-tiny-int4"
+    case = json.loads((folder / "reference.json").read_text())["cases"]["gptq/generate/text"]
+    monkeypatch.setenv("NANOQWEN_KERNELS", "triton")
+    llm = LLM(folder / "checkpoint", device=DEVICE, dtype=torch.float32, num_kv_blocks=64, progress=False)
+    out = llm.generate(case["input_ids"], SamplingParams(temperature=0, repetition_penalty=case["repetition_penalty"],
+                                                         max_new_tokens=case["max_new_tokens"]))
+    assert out.token_ids == case["output_ids"]

@@ -16,11 +16,12 @@ import pytest
 
 from nanoqwen.kv_cache import KVCache
 from nanoqwen.quant.kv_int8 import store_kv_int8_ref
-from test_kernels import DEVICE, DTYPES, NAN, check, paged_layout, qkv, randint, randn, rng, slots_of  # noqa: F401
+from test_kernels import (DEVICE, DTYPES, NAN, check, paged_layout, qkv, randint, randn, rng,  # noqa: F401
+                          rope_args, slots_of)
 from conftest import int8_noise_envelope
 from test_kv_int8 import argmax_within_noise, model, run_int8, within_noise  # noqa: F401  (model: fp32, CPU)
 
-from nanoqwen.kernels import flash_attention, kv_store, paged_attention
+from nanoqwen.kernels import flash_attention, kv_store, paged_attention, rope
 
 STORE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # the store has no tl.dot: bf16 is right interpreted
 
@@ -75,6 +76,33 @@ def test_store_kv_int8(mode, dtype, rng):
                                                  f"seq_lens {seq_lens}, seed {rng.initial_seed()}: {m}")
 
 
+@pytest.mark.parametrize("dtype", STORE_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("mode", ["default", "qwen"])
+def test_store_kv_int8_rope(mode, dtype, rng):
+    """Keys rotated on the way in (the decode path): bit for bit the reference store of the keys rotary_qk_ rotates
+    (tested against torch in test_kernels.py), in both modes; decode-like one-token chunks and a longer one."""
+    H, D, block_size = 3, [32, 128][randint(rng, 0, 2)], 4
+    seq_lens = [1, 1, randint(rng, 2, 12)]
+    T = sum(seq_lens)
+    cu = torch.tensor([0] + seq_lens).cumsum(0).to(torch.int32).to(DEVICE)
+    k, v = (randn(rng, T, 3, H, D, dtype=dtype) * 3 + 0.5).unbind(1)[1:]
+    args = rope_args(rng, T, D)
+    num_blocks = T // block_size + 4
+    slots = torch.randperm(num_blocks * block_size, generator=rng)[:T]
+    slots[randint(rng, 0, T)] = -1
+    slots = slots.to(DEVICE)
+    cache = int8_cache(num_blocks, block_size, H, D, dtype, mode, rng)
+    ref = clone_cache(cache)
+    kv_store.store_kv_int8(k, v, cache, slots, mode, cu, rope=args)
+    k_rot = k.clone()
+    rope.rotary_qk_(k_rot, k_rot.clone(), *args)
+    store_kv_int8_ref(k_rot, v, ref, slots, mode, cu)
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(cache, name), getattr(ref, name), rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m: f"store_kv_int8 rope {mode} {name}, {dtype}, hd {D}, "
+                                                 f"seq_lens {seq_lens}, seed {rng.initial_seed()}: {m}")
+
+
 def test_store_kv_int8_rounds_half_to_even():
     """A row spanning 0..255 has scale 1 and zero 0, so t + 0.5 is an exact tie: torch.round goes to even."""
     ties = torch.arange(126, dtype=torch.float32) + 0.5  # 0.5, 1.5, .. 125.5
@@ -125,8 +153,8 @@ def test_flash_attn_varlen_int8(dtype, use_logn, rng):
 
 # ---------------------------------------------------------------------------------- decode over an int8 cache
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("use_logn,splits", [(False, None), (True, 1), (True, 5)],
-                         ids=["plain-auto_splits", "logn-one_split", "logn-five_splits"])
+@pytest.mark.parametrize("use_logn,splits", [(False, None), (True, 1), (True, 5), ("positions", None)],
+                         ids=["plain-auto_splits", "logn-one_split", "logn-five_splits", "rope_logn_fused"])
 def test_paged_attention_int8(dtype, use_logn, splits, rng):
     H, D = 3, [16, 32, 64][randint(rng, 0, 3)]
     ctx = [1, randint(rng, 100, 160)] + randint(rng, 1, 60, 3)  # the long one spans many blocks and splits
@@ -139,14 +167,16 @@ def test_paged_attention_int8(dtype, use_logn, splits, rng):
     q = randn(rng, B, 3, H, D, dtype=dtype)[:, 0]  # strided, as the model's q
     tables = tables.clamp(min=0).to(DEVICE)  # the reference gathers whole rows: entries past a context must be valid
     context_lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
-    logn = (1 + torch.rand(B, generator=rng)).to(DEVICE) if use_logn else None
+    logn = (1 + torch.rand(B, generator=rng)).to(DEVICE) if use_logn is True else None
+    # the fused decode path: q rotated and scaled by LogN of its position inside the kernel
+    fused = dict(rope=rope_args(rng, B, D, max_pos=100), logn_seq_length=30) if use_logn == "positions" else {}
     out = torch.full_like(q, NAN)
     got = paged_attention.paged_attention(q, cache.k, cache.v, tables, context_lens, D ** -0.5, max(ctx), logn,
-                                          **quant_args(cache), num_splits=splits, out=out)
+                                          **quant_args(cache), num_splits=splits, out=out, **fused)
     assert got is out
     # the reference multiplies masked positions by 0, and 0 * NaN is NaN: give it the scales with the poison zeroed
     ref = paged_attention.paged_attention_ref(q, cache.k, cache.v, tables, context_lens, D ** -0.5, logn,
-                                              **quant_args(cache, nan_to_num=True))
+                                              **quant_args(cache, nan_to_num=True), **fused)
     check(out, ref, dtype, rng, f"paged_attention int8 ctx={ctx} hd={D} block={block_size} splits={splits}")
 
 

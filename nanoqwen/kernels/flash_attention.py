@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from . import tl, triton  # Triton, or stand-ins when it is not installed (see __init__)
 
 from ..quant.kv_int8 import dequantize
+from .rope import logn_factor
 
 LOG2E = 1.4426950408889634  # the kernel works in base 2: exp(x) = exp2(x * log2(e))
 
@@ -121,9 +122,9 @@ def _attn_tiles(acc, m_i, l_i, q, k_ptr, v_ptr, block_table_ptr, k_row0, offs_m,
 def _flash_attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, logn_ptr,
                        block_tables_ptr, context_lens_ptr,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                       stride_cb, stride_cs, stride_ch, stride_bt, block_size, qk_scale,
+                       stride_cb, stride_cs, stride_ch, stride_bt, block_size, qk_scale, logn_seq_length,
                        k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, stride_sb, stride_ss, stride_sh,
-                       PAGED: tl.constexpr, HAS_LOGN: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       PAGED: tl.constexpr, LOGN: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        QUANT: tl.constexpr):
     # the longest (most key tiles) query blocks start first: program 0 takes the last block of the sequence
@@ -153,10 +154,11 @@ def _flash_attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, logn_ptr,
     row_ok = offs_m < q_len
     rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
-    if HAS_LOGN:  # rounded to q's dtype, as the model scales q before attention
-        f = tl.load(logn_ptr + rows, mask=row_ok, other=1.0)
-        q = (q * f.to(q.dtype)[:, None]).to(q.dtype)
-    q_pos = prefix + offs_m
+    q_pos = prefix + offs_m  # the queries' absolute positions
+    if LOGN == 1:  # given factors
+        q = (q * tl.load(logn_ptr + rows, mask=row_ok, other=1.0).to(q.dtype)[:, None]).to(q.dtype)
+    elif LOGN == 2:  # from the positions; rounded to q's dtype, as the model scales q before attention
+        q = (q * logn_factor(q_pos, logn_seq_length).to(q.dtype)[:, None]).to(q.dtype)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -196,13 +198,15 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       context_lens: torch.Tensor | None = None, max_context_len: int = 0,
                       logn: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
                       k_zero: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                      v_zero: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+                      v_zero: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+                      logn_seq_length: int = 0) -> torch.Tensor:
     """Triton FlashAttention-2 forward, causal, over packed sequences; same semantics as `flash_attn_varlen_ref`.
 
     q, k, v [T, heads, head_dim] (unit stride on head_dim); `max_seqlen_q` (host int) sizes the grid. With
     `block_tables` the keys come from the paged cache for positions 0..context_lens[i]-1 (k and v are not read);
     `max_context_len` is accepted for symmetry and not needed (the key loop bound is read on the device).
-    `logn` [T] fp32 multiplies each query row (rounded to q's dtype) before the scores. `out` (optional, q's shape
+    `logn` [T] fp32 multiplies each query row (rounded to q's dtype) before the scores; or `logn_seq_length` > 0:
+    the LogN factors of the queries' positions (nanoqwen.rope.logn_factors) computed here. `out` (optional, q's shape
     and dtype, unit head_dim stride) receives the result instead of a new tensor.
     int8 cache: k_cache, v_cache uint8 with `k_scale`, `k_zero`, `v_scale`, `v_zero` [num_blocks, block_size, heads]
     (one layout); each key/value tile is dequantized in registers, scale * (q - zero) in fp32 then q's dtype.
@@ -230,14 +234,16 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         quant_strides = k_scale.stride()
     else:
         quant_ptrs, quant_strides = (q, q, q, q), (0, 0, 0)
+    assert not (logn is not None and logn_seq_length), "give LogN as factors (logn) or as logn_seq_length, not both"
     block_m, block_n, warps, stages = _tiles(D, q.dtype)
     grid = (triton.cdiv(max_seqlen_q, block_m), H, B)
     _flash_attn_kernel[grid](
         q, cache_k, cache_v, out, cu_seqlens_q, logn if logn is not None else q,
         block_tables if paged else cu_seqlens_q, context_lens if paged else cu_seqlens_q,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        *cache_strides, block_size, scale * LOG2E, *quant_ptrs, *quant_strides,
-        PAGED=paged, HAS_LOGN=logn is not None, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        *cache_strides, block_size, scale * LOG2E, logn_seq_length, *quant_ptrs, *quant_strides,
+        PAGED=paged, LOGN=1 if logn is not None else 2 if logn_seq_length else 0, HEAD_DIM=D, BLOCK_M=block_m,
+        BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", QUANT=quant, num_warps=warps,
         num_stages=stages)
     return out
