@@ -2,8 +2,7 @@
 branch, then w1), as the reference's w1(x) * silu(w2(x)); each op rounded to the activation dtype as torch does."""
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+from . import tl, triton  # Triton, or stand-ins when it is not installed (see __init__)
 
 from .rope import round_to
 

@@ -4,8 +4,7 @@ The reference's numerics: (optionally) x + residual in the activation dtype, the
 activation dtype, then multiply by the weight (rounded to the product's dtype). One program per row.
 """
 import torch
-import triton
-import triton.language as tl
+from . import tl, triton  # Triton, or stand-ins when it is not installed (see __init__)
 
 from .rope import round_to
 

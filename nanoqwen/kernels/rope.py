@@ -11,8 +11,7 @@ against `rotary_qk_`, so that the int8 stores stay testable bit for bit) are lau
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
+from . import tl, triton  # Triton, or stand-ins when it is not installed (see __init__)
 
 from ..rope import apply_rotary, rotary_tables
 
