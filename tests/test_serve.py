@@ -96,6 +96,11 @@ def metrics(url) -> dict:
             if "_bucket" not in m[1]} | {"text": text}
 
 
+def aborts(url) -> int:
+    found = re.search(r'request_success_total\{[^}]*finished_reason="abort"\} (\d+)', metrics(url)["text"])
+    return int(found.group(1)) if found else 0
+
+
 def chunks_text(stream) -> tuple[str, list]:
     chunks = list(stream)
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
@@ -196,6 +201,11 @@ def test_n_choices_and_seeded_sampling(client, llm):
     assert [c.message.content for c in a.choices] == [ref.text for ref in refs]
     assert a.choices[0].message.content != a.choices[1].message.content
     assert a.usage.completion_tokens == sum(len(ref.token_ids) for ref in refs)
+    streamed = ["", ""]
+    for chunk in client.chat.completions.create(stream=True, n=2, **kw):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == [ref.text for ref in refs]
 
 
 def test_top_logprobs_against_engine(client, llm):
@@ -379,7 +389,7 @@ def test_closed_stream_aborts_and_frees_blocks(server):
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Disconnect."}], "max_tokens": 3000,
             "stream": True, "ignore_eos": True, "temperature": 0}
-    before = metrics(server)
+    before, aborted = metrics(server), aborts(server)
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
         lines, events = r.iter_lines(), 0
         while events < 3:  # (breaking out of iter_lines would close the response already)
@@ -394,8 +404,22 @@ def test_closed_stream_aborts_and_frees_blocks(server):
         assert time.monotonic() - closed < 2, f"still running 2 s after the client left:\n{m['text']}"
         time.sleep(0.05)
     assert m["nanoqwen_num_requests_waiting"] == 0 and m["nanoqwen_kv_cache_usage_perc"] == 0
+    assert aborts(server) == aborted + 1
     assert m["nanoqwen_prompt_tokens_total"] > before["nanoqwen_prompt_tokens_total"]
     assert m["nanoqwen_generation_tokens_total"] > before["nanoqwen_generation_tokens_total"]
-    assert 'finished_reason="abort"' in m["text"]
     assert re.search(r'nanoqwen_time_to_first_token_seconds_count\{[^}]*\} [1-9]', m["text"])
     assert re.search(r'nanoqwen_inter_token_latency_seconds_count\{[^}]*\} [1-9]', m["text"])
+
+
+def test_client_gone_from_a_non_streamed_request_aborts_it(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Leave early."}], "max_tokens": 3000,
+            "ignore_eos": True, "temperature": 0}
+    aborted = aborts(server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(10, read=1.0))
+    gone = time.monotonic()
+    while metrics(server)["nanoqwen_num_requests_running"] != 0:
+        assert time.monotonic() - gone < 2, "the request still runs 2 s after its client left"
+        time.sleep(0.05)
+    assert aborts(server) == aborted + 1

@@ -57,11 +57,14 @@ def spec_instruction(functions) -> str:
 
 class ScriptedQwen(Qwen):
     """After a prompt of `script[0]` tokens, generate the token ids `script[1]`, then <|im_end|>. `delay` seconds of
-    sleep per forward make a slow stream (the page test)."""
+    sleep per forward make a slow stream (the page test); `fail` makes every forward raise."""
     script = None
     delay = 0.0
+    fail = False
 
     def forward(self, input_ids, meta=None, kv_cache=None):
+        if self.fail:
+            raise RuntimeError("scripted failure")
         logits = super().forward(input_ids, meta, kv_cache)
         if self.delay:
             time.sleep(self.delay)
@@ -235,3 +238,20 @@ def test_forced_tool_choice_is_refused(scripted):
             scripted.client.chat.completions.create(model=MODEL, messages=messages, tools=tools(WEATHER),
                                                     tool_choice=choice)
         assert e.value.body["param"] == "tool_choice" and "auto" in e.value.body["message"]
+
+
+def test_engine_failure_is_a_500_and_the_server_recovers(scripted):
+    messages = [{"role": "user", "content": "Fail now."}]
+    scripted.llm.model.fail = True
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            scripted.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+        assert "scripted failure" in e.value.body["message"] and e.value.body["type"] == "server_error"
+        with pytest.raises(openai.APIError, match="scripted failure"):  # an error event inside the stream
+            list(scripted.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, stream=True))
+    finally:
+        scripted.llm.model.fail = False
+    scripted.script(messages, "Back again.")
+    r = scripted.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
+    assert r.choices[0].message.content == "Back again."
+    assert httpx.get(f"{scripted.url}/health").status_code == 200

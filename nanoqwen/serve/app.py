@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import stop_token_ids
 from ..sampling import SamplingParams
-from .engine_loop import EngineDead, EngineLoop
+from .engine_loop import EngineDead, EngineError, EngineLoop
 from .protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, NamedTool, TokenizeRequest,
                        check_model, check_unsupported, error_body, parse, sampling_params, stop_strings)
 from .react import OBSERVATION_STOP, ReActParser, chat_prompt_ids, to_conversation
@@ -166,6 +166,8 @@ class Server:
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
             return work.result() if work.done() else None
+        except EngineError as e:
+            raise APIError(500, str(e)) from None
         finally:
             work.cancel()
             watch.cancel()

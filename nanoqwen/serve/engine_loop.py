@@ -20,7 +20,11 @@ log = logging.getLogger("nanoqwen.serve")
 
 
 class EngineDead(RuntimeError):
-    pass
+    """The engine thread is gone (a bug): no request can run until the server restarts."""
+
+
+class EngineError(RuntimeError):
+    """A step failed: every request in flight was aborted."""
 
 
 class Generation:
@@ -44,9 +48,10 @@ class Generation:
         batch = await self.queue.get()
         while not self.queue.empty():  # a consumer that fell behind takes every step it missed at once
             batch = batch + self.queue.get_nowait()
-        if isinstance(batch[-1], BaseException):
+        errors = [item for item in batch if isinstance(item, BaseException)]
+        if errors:
             self.unfinished = 0
-            raise batch[-1]
+            raise errors[0]
         self.unfinished -= sum(out.finished for _, out in batch)
         return batch
 
@@ -164,7 +169,7 @@ class EngineLoop:
     def _fail_all(self, error: Exception) -> None:
         """A step raised: the batch's state is unknown, so every request is aborted and its client told why."""
         log.error("engine step failed, aborting %d request(s):\n%s", len(self._owner), traceback.format_exc())
-        error = RuntimeError(f"the engine failed while running this request ({type(error).__name__}: {error}); "
+        error = EngineError(f"the engine failed while running this request ({type(error).__name__}: {error}); "
                              "the server aborted every running request; retry, and report it if it persists")
         for gen, rids in list(self._rids.items()):
             for rid in rids:
