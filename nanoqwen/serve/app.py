@@ -52,7 +52,9 @@ class EventStream(StreamingResponse):
     client gone before or while streaming (a body generator that never started would not run its own `finally`)."""
 
     def __init__(self, body, gen):
-        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        # no caching, and no buffering by a proxy in front (nginx honours X-Accel-Buffering)
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.gen = gen
 
     async def __call__(self, scope, receive, send):
@@ -191,6 +193,8 @@ class Server:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         functions, legacy = self.chat_functions(req)
         ids = self.chat_ids(req.messages, functions)
+        # stop strings match the text, so the reference's extra copies without leading newlines (a workaround for
+        # its token-id stop words) are not needed: they would stop where the client did not ask
         stop = stop_strings(req.stop) + ([OBSERVATION_STOP] if functions else [])
         n = req.n or 1
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -226,7 +230,8 @@ class Server:
                     delta = choices[index].update(out)
                     if delta is not None:
                         parts.append(sse({**chunk, "choices": [delta], **extra}))
-                yield "".join(parts)
+                if parts:
+                    yield "".join(parts)
             if include_usage:
                 yield sse({**chunk, "choices": [],
                            "usage": self.usage(prompt_tokens, sum(completion_tokens.values()))})
@@ -312,7 +317,8 @@ class Server:
                     piece = choices[index].update(out)
                     if piece["text"] or piece["finish_reason"] or piece.get("logprobs"):
                         parts.append(sse({**head, "choices": [piece], **extra}))
-                yield "".join(parts)
+                if parts:
+                    yield "".join(parts)
             if include_usage:
                 yield sse({**head, "choices": [], "usage": self.usage(prompt_tokens, sum(completion_tokens.values()))})
         except Exception as e:
