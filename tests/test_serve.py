@@ -225,7 +225,7 @@ def test_top_logprobs_against_engine(client, llm):
         assert [(bytes(t.bytes), t.logprob) for t in entry.top_logprobs] == \
             [(tok.id_to_bytes(i), lp) for i, lp in want["top"]]
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
-    assert "".join(e.token for e in content) == r.choices[0].message.content
+    assert b"".join(bytes(e.bytes) for e in content).decode() == r.choices[0].message.content
 
 
 # ------------------------------------------------------------------------------------------------ completions
