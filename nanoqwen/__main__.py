@@ -1,6 +1,7 @@
 """The `nanoqwen` command (also `python -m nanoqwen`): one entry point, a sub-command per job.
 
     nanoqwen generate --ckpt qwen-7b-chat          chat with a chat model, or complete text with a base model
+    nanoqwen serve --ckpt qwen-7b-chat             an OpenAI-compatible server with a web chat page
     nanoqwen convert SRC DST                        convert an official checkpoint ahead of time
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 # sub-command -> (module with a main(argv, prog) function, one line of help)
 COMMANDS = {
     "generate": ("nanoqwen.generate", "chat with a chat model, or complete text with a base model (streaming)"),
+    "serve": ("nanoqwen.serve.__main__", "an OpenAI-compatible server and a web chat page (the serve extra)"),
     "convert": ("convert_checkpoint", "convert an official Qwen checkpoint folder into nanoqwen's layout"),
 }
 
