@@ -160,7 +160,6 @@ def read_adapter(path, cfg: QwenConfig) -> LoraAdapter:
             module = name.split(".", 3)[3]
             d_in, d_out = dims[module]
             (key_a, shape_a), (key_b, shape_b) = pair["A"], pair["B"]
-            rank = shape_a[0] if len(shape_a) == 2 else -1
             if len(shape_a) != 2 or len(shape_b) != 2 or shape_a[1] != d_in or shape_b[0] != d_out:
                 bad, shape, want = (key_a, shape_a, ["r", d_in]) if len(shape_a) != 2 or shape_a[1] != d_in else \
                     (key_b, shape_b, [d_out, "r"])
@@ -168,7 +167,7 @@ def read_adapter(path, cfg: QwenConfig) -> LoraAdapter:
                                    f"(hidden_size {cfg.hidden_size}, MLP width {cfg.mlp_width}): the adapter was "
                                    "trained on another model; load it with its own base model")
             r_name, alpha_name = _patterned(config, name, r, alpha)
-            if shape_b[1] != rank or rank != r_name:
+            if not shape_a[0] == shape_b[1] == r_name:
                 raise AdapterError(f"{folder}: {key_a} {list(shape_a)} and {key_b} {list(shape_b)} do not have the "
                                    f"rank r = {r_name} that {CONFIG_FILE} gives this module; the weights and the "
                                    "config do not belong together")
@@ -201,7 +200,9 @@ def _targeted(config: dict, cfg: QwenConfig, folder: Path) -> list[str]:
     a dotted suffix of it; a string: a regular expression over the whole name) and layers_to_transform."""
     targets = config.get("target_modules")
     layers = config.get("layers_to_transform")
-    layers = set(range(cfg.num_hidden_layers)) if layers is None else {layers} if isinstance(layers, int) else set(layers)
+    if layers is None:
+        layers = range(cfg.num_hidden_layers)
+    layers = {layers} if isinstance(layers, int) else set(layers)
     names = [f"transformer.h.{i}.{m}" for i in range(cfg.num_hidden_layers) for m in LINEARS]
     if isinstance(targets, str):
         hit = [n for n in names if re.fullmatch(targets, n)]
@@ -274,7 +275,8 @@ def adapter_for_merging(path, cfg: QwenConfig, what: str = "the checkpoint") -> 
         raise AdapterError(f"cannot merge the LoRA adapter {path} into {what}: its linears are GPTQ-quantized, and "
                            "W + scaling * B @ A has no exact quantized form (Q-LoRA adapters are meant to stay "
                            "separate). Run it unmerged: nanoqwen.lora.LoraManager(model).add(name, path) (in the "
-                           "engine: LLM(ckpt, enable_lora=True), then add_lora(name, path) and SamplingParams(lora=name))")
+                           "engine: LLM(ckpt, enable_lora=True), then add_lora(name, path) and "
+                           "SamplingParams(lora=name))")
     return read_adapter(path, cfg)
 
 

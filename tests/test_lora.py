@@ -132,7 +132,8 @@ def check_forward_case(case, hidden, logits, hidden_ref, last_logits_ref, argmax
 def test_read_golden_adapter(adapter_dir, tiny_ckpt, lora_ref):
     a = read_adapter(adapter_dir, tiny_cfg(tiny_ckpt))
     assert a.rank == 8 and set(a.scaling.values()) == {lora_ref["scaling"]} and not a.saved_modules
-    keys = {f"base_model.model.{n}.lora_{p}.weight": list(t.shape) for n, ab in a.weights.items() for p, t in zip("AB", ab)}
+    keys = {f"base_model.model.{n}.lora_{p}.weight": list(t.shape)
+            for n, ab in a.weights.items() for p, t in zip("AB", ab)}
     assert keys == lora_ref["adapter_keys"]
 
 
@@ -294,19 +295,15 @@ def test_slots_are_reused_clean(tiny_ckpt, adapters, lora_ref):
 def dequantized_copy(model):
     """An fp32 Qwen with the GPTQ model's weights dequantized (GPTQLinear.dequantize)."""
     from nanoqwen.quant.gptq import GPTQLinear
-    cfg = dataclasses.replace(model.config, quantization_config=None)
-    fp = Qwen(cfg)
-    sd = {}
-    for name, module in model.named_modules():
-        if isinstance(module, GPTQLinear):
-            sd[name + ".weight"] = module.dequantize()
-            if name.endswith("c_attn"):
-                sd[name + ".bias"] = module.bias.float()
-            else:
-                assert not module.bias.any()  # no_bias: AutoGPTQ stores zeros
-    for name, t in model.state_dict().items():
-        if name.startswith(("transformer.wte", "transformer.ln_f", "lm_head")) or name.endswith(("ln_1.weight", "ln_2.weight")):
-            sd[name] = t.float()
+    fp = Qwen(dataclasses.replace(model.config, quantization_config=None))
+    gptq = {name: m for name, m in model.named_modules() if isinstance(m, GPTQLinear)}
+    sd = {name: t.float() for name, t in model.state_dict().items() if name.rsplit(".", 1)[0] not in gptq}
+    for name, module in gptq.items():
+        sd[name + ".weight"] = module.dequantize()
+        if name.endswith("c_attn"):
+            sd[name + ".bias"] = module.bias.float()
+        else:
+            assert not module.bias.any()  # no_bias: AutoGPTQ stores zeros
     fp.load_state_dict(sd, strict=True)
     return fp.eval()
 
@@ -318,7 +315,8 @@ def test_gptq_base_against_dequantize_then_merge(golden, adapters, lora_ref, mon
     plain_ref = dequantized_copy(model)
     manager = LoraManager(model, max_loras=2, max_lora_rank=8)
     manager.add("g", adapters["g"])
-    batch = [("g", lora_ref["cases"]["lora/forward/text"]["input_ids"]), (None, lora_ref["cases"]["lora/forward/random"]["input_ids"][:9])]
+    cases = lora_ref["cases"]
+    batch = [("g", cases["lora/forward/text"]["input_ids"]), (None, cases["lora/forward/random"]["input_ids"][:9])]
     for kernels in ("torch", "triton"):
         monkeypatch.setenv("NANOQWEN_KERNELS", kernels)
         _, logits = run_packed(model, manager, batch)
@@ -388,6 +386,7 @@ def broken(adapter_dir, tmp_path, config=None, tensors=None):
 
 
 KEY = "base_model.model.transformer.h.{}.{}.lora_{}.weight"
+LLAMA_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
 ERRORS = {
     "other_hidden_size": (dict(tensors=lambda sd: sd.update({KEY.format(0, "attn.c_attn", "A"): torch.zeros(8, 128)})),
@@ -399,8 +398,7 @@ ERRORS = {
         dict(config={"target_modules": ["q_proj", "v_proj"]}),
         r"unknown target_modules 'q_proj', 'v_proj': Qwen \(v1\) has the linears c_attn, c_proj"),
     "unknown_target": (dict(config={"target_modules": ["c_attn", "wte"]}), r"unknown target_modules 'wte'"),
-    "llama_tensors": (dict(tensors=lambda sd: sd.update({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
-                                                         torch.zeros(8, 64)})),
+    "llama_tensors": (dict(tensors=lambda sd: sd.update({LLAMA_KEY: torch.zeros(8, 64)})),
                       r"not LoRA weights of a Qwen \(v1\) linear: base_model\.model\.model\.layers\.0\.self_attn"),
     "more_layers": (dict(tensors=lambda sd: sd.update({KEY.format(2, "mlp.w1", "A"): torch.zeros(8, 64)})),
                     r"adapts layer 2, but this model has 2 layers"),
@@ -408,7 +406,8 @@ ERRORS = {
                        r"lacks the LoRA weights of transformer\.h\.1\.mlp\.c_proj, which target_modules selects"),
     "not_targeted": (dict(config={"target_modules": ["c_attn", "w1", "w2"]}),
                      r"holds LoRA weights for transformer\.h\.0\.attn\.c_proj, .*which target_modules does not select"),
-    "missing_B": (dict(tensors=lambda sd: sd.pop(KEY.format(0, "mlp.w2", "B"))), r"mlp\.w2\.lora_A\.weight but no lora_B"),
+    "missing_B": (dict(tensors=lambda sd: sd.pop(KEY.format(0, "mlp.w2", "B"))),
+                  r"mlp\.w2\.lora_A\.weight but no lora_B"),
     "rank_mismatch": (dict(config={"r": 16}), r"do not have the rank r = 16"),
     "not_lora": (dict(config={"peft_type": "PREFIX_TUNING"}), r"peft_type is PREFIX_TUNING: nanoqwen loads LoRA"),
     "dora": (dict(config={"use_dora": True}), r"use_dora is true"),
@@ -416,7 +415,7 @@ ERRORS = {
     "modules_to_save_ln": (dict(config={"modules_to_save": ["ln_f"]}), r"modules_to_save 'ln_f' is not supported"),
     "modules_to_save_missing": (dict(config={"modules_to_save": ["wte"]}),
                                 r"lacks base_model\.model\.transformer\.wte\.weight, the copy that modules_to_save"),
-    "int_weights": (dict(tensors=lambda sd: sd.update({KEY.format(0, "mlp.w2", "A"): torch.zeros(8, 64, dtype=torch.int32)})),
+    "int_weights": (dict(tensors=lambda sd: sd.update({KEY.format(0, "mlp.w2", "A"): torch.zeros(8, 64).int()})),
                     r"mlp\.w2\.lora_A\.weight is I32"),
 }
 
