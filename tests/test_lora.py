@@ -499,3 +499,39 @@ def test_manager_errors(tiny_ckpt, adapters, lora_ref):
         manager.set_token_indices([0] * 65)
     with pytest.raises(ValueError, match=r"1-D integer tensor"):
         manager.set_token_indices(torch.zeros(3))
+
+
+def test_runs_without_triton(tiny_ckpt, adapter_dir, lora_ref, lora_tensors, tmp_path):
+    """A CPU install without Triton: nanoqwen.lora imports and serves adapters through the torch references."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    case = lora_ref["cases"]["lora/forward/text"]
+    save_file({"want": lora_tensors["lora/forward/text/last_logits"]}, str(tmp_path / "want.safetensors"))
+    code = f"""
+import sys
+class NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("no triton here")
+sys.meta_path.insert(0, NoTriton())
+import torch
+from safetensors.torch import load_file
+from nanoqwen import Qwen
+from nanoqwen.kernels import HAVE_TRITON
+from nanoqwen.lora import LoraManager
+assert not HAVE_TRITON
+model = Qwen.from_pretrained({str(tiny_ckpt)!r}, device="cpu", dtype=torch.float32)
+manager = LoraManager(model, max_loras=2, max_lora_rank=8)
+manager.add("g", {str(adapter_dir)!r})
+ids = {case["input_ids"]!r}
+manager.set_token_indices(manager.token_indices(["g"], [len(ids)]))
+with torch.no_grad():
+    last = model(torch.tensor([ids]))[0, -1]
+torch.testing.assert_close(last, load_file({str(tmp_path / "want.safetensors")!r})["want"], atol={ATOL}, rtol=0)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

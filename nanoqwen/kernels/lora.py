@@ -22,10 +22,8 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
 
-from . import use_triton
+from . import tl, triton, use_triton  # Triton, or stand-ins when it is not installed (see __init__)
 
 
 # ----------------------------------------------------------------------------------------------- torch reference
