@@ -391,8 +391,9 @@ def iter_converted(folder: Path, cfg: QwenConfig, dtype: torch.dtype, device="cp
 
 # ----------------------------------------------------------------------------------------------- loading
 
-def load_model(path, device=None, dtype=None):
-    """A `Qwen` from a converted nanoqwen folder or an official folder (converted in memory, never written)."""
+def load_model(path, device=None, dtype=None, lora=None):
+    """A `Qwen` from a converted nanoqwen folder or an official folder (converted in memory, never written).
+    `lora`: a PEFT LoRA adapter folder merged into the weights (see nanoqwen.lora; refused for GPTQ checkpoints)."""
     from .model import Qwen
 
     folder = Path(path)
@@ -403,6 +404,9 @@ def load_model(path, device=None, dtype=None):
     cfg = QwenConfig.from_json(folder)
     g = gptq_config(cfg)
     dtype = parse_dtype(dtype) or default_dtype(device, quantized=g is not None)
+    if lora is not None:  # checked before the weights load
+        from .lora import adapter_for_merging, merge_adapter
+        adapter = adapter_for_merging(lora, cfg, str(folder))
     tensors = iter_converted(folder, cfg, dtype, device) if is_converted(folder) else \
         iter_official(folder, cfg, dtype, device, desc=f"loading {folder.name}")
     with torch.device("meta"):
@@ -412,6 +416,8 @@ def load_model(path, device=None, dtype=None):
         swap_linears(model, g.bits, g.group_size, device="meta")
     model.load_state_dict(dict(tensors), strict=True, assign=True)
     model.rotary = type(model.rotary)(cfg.rotary_dim, cfg.rotary_emb_base).to(device)
+    if lora is not None:
+        merge_adapter(model, adapter)
     return model.eval().requires_grad_(False)
 
 

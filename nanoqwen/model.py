@@ -95,10 +95,11 @@ class Qwen(nn.Module):
         self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_emb_base)
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, **kwargs) -> "Qwen":
-        """Load a converted nanoqwen folder or an official Qwen checkpoint folder (converted in memory)."""
+    def from_pretrained(cls, path, device=None, dtype=None, lora=None, **kwargs) -> "Qwen":
+        """Load a converted nanoqwen folder or an official Qwen checkpoint folder (converted in memory); `lora`: a
+        PEFT LoRA adapter folder to merge into the weights."""
         from .checkpoint import load_model
-        return load_model(path, device=device, dtype=dtype, **kwargs)
+        return load_model(path, device=device, dtype=dtype, lora=lora, **kwargs)
 
     def init_weights(self, generator: torch.Generator | None = None) -> "Qwen":
         """The reference initialisation (random-weight tests): N(0, 0.02), c_proj rescaled, biases 0, norms 1."""
