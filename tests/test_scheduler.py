@@ -62,20 +62,22 @@ def test_prefix_cache_registers_only_new_blocks(monkeypatch):
 
 
 def test_preemption_of_the_newest_and_recompute():
-    s = make(num_blocks=6, budget=64)
+    s = make(num_blocks=8, budget=64)  # each request alone fits (8 + 20 tokens: 7 blocks), both do not
     a, b = seq(0, 8, max_new=20), seq(1, 8, max_new=20, first=100)
     s.add(a)
     s.add(b)
-    run_step(s)  # 2 + 2 blocks, 2 left
-    for _ in range(8):  # both need a third block at token 9, a fourth at 13: b (the newest) must go
+    run_step(s)  # 2 + 2 blocks, 4 left
+    for _ in range(9):  # both grow to 4 blocks by token 13; at 17 a fifth each would make 10: b (the newest) goes
         run_step(s)
     assert s.num_preemptions >= 1 and b.status == WAITING and b.num_computed == 0 and b.slot is None
     assert a.status == RUNNING and len(a.block_table) * BS >= a.num_computed
     assert b.ntk_index is not None  # kept for the recomputation
     while a.status != FINISHED:
         run_step(s)
-    run_step(s)  # b is readmitted and recomputes prompt + generated tokens in one chunk
-    assert b.status == RUNNING and b.num_computed == b.num_tokens
+    n = b.num_tokens
+    [(rid, k)] = run_step(s)  # b is readmitted and recomputes prompt + generated tokens in one chunk (less
+    assert rid == 1 and k <= n and (n - k) % BS == 0  # the prompt blocks the prefix cache still holds)
+    assert b.status == RUNNING and b.num_computed == n and b.num_tokens == n + 1  # and samples its next token
 
 
 def test_pending_tokens_overlap_bookkeeping():
