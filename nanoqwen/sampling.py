@@ -227,6 +227,7 @@ class SamplerOutput:
     chosen_logprobs: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
     top_ids: torch.Tensor | None = None
+    pending: torch.Tensor | None = None  # [B] bool (capturable DeviceSampler): rows `complete` must still draw
 
 
 @dataclass(frozen=True)
@@ -274,10 +275,12 @@ class DeviceSampler:
         sampler.add(slot, params, seed, prompt_ids, output_ids)   # admitted, or re-admitted after preemption
         flags = sampler.flags(slot_list)                           # host only, per batch composition
         out = sampler.sample(logits, slots, flags)                 # slots: [B] int64 on the device
+        next_ids = sampler.complete(out, logits, slots, flags)     # list[int]: the step's copy to the host
         sampler.remove(slot)                                       # finished, aborted or preempted
 
-    `sample` advances each row's step and marks its new token seen (counted), on the device; its only outputs are
-    tensors, so the engine's one copy of `out.next_ids` to the host is the step's only sync.
+    `sample` advances each row's step and marks its new token seen (counted), on the device, with no host sync.
+    `complete` copies the tokens to the host (one copy, the sync the engine needs anyway); with `capturable` it
+    first draws the rare rows `sample` left pending (next paragraph), which costs a second copy on those steps.
 
     Semantics (HF `generate` as Qwen's reference uses it, QWEN_V1_SPEC.md 9.6): logits in fp32; repetition penalty
     over the distinct prompt + generated ids; then presence/frequency penalties over generated ids; greedy rows take
@@ -296,24 +299,31 @@ class DeviceSampler:
     - Draw: inverse CDF. u = hash(seed lanes, step) in [0, 1) with 53 bits; the token is the one whose mass interval
       in that order holds floor(u * kept mass). One uniform per row, no noise over the vocabulary; each token's
       probability is its share of the kept mass within 2^-53.
-    - Finding a mass position: on the CPU, the top `num_candidates` tokens (torch.topk) sorted in the order above
-      answer it whenever it lies among candidates strictly above the K-th value; other rows, and every row when
-      `capturable` (CUDA: no data-dependent host branch, no sync), go through a weighted radix select over the
-      whole row (`_MassOrder`). Both give the same tokens: integer masses, the same order.
+    - Finding a mass position: the top `num_candidates` tokens (torch.topk), sorted in the order above, answer it
+      when it lies among the candidates strictly above the K-th value: always for a top-k row with k < K, and for a
+      top-p row whenever its nucleus is inside the top K (language-model rows almost always are). Other rows need
+      the exact search over the whole row (`_MassOrder`, a weighted radix select: no sort, but some 30 passes over
+      [rows, vocab]). Without `capturable` (the CPU default) `sample` runs it at once on just those rows; with it
+      (the CUDA default) `sample` has no data-dependent branch, marks those rows in `out.pending`, leaves their
+      state unchanged, and `complete` draws them. `num_candidates=0` sends every row through the exact search inside
+      `sample` (capturable, never pending, slower). All paths give the same tokens: integer masses, the same order.
 
-    CUDA graphs: everything in `sample` has shapes fixed by (B, vocab, flags) and branches only on `flags`. Capture
-    one graph per (batch bucket, flags.for_graph()), for example "greedy" and "full" per bucket, with `logits` and
-    `slots` as static inputs (pad rows: slot `pad_slot`); warm up once outside the capture. State changes made by
-    `add`/`remove` between replays are seen by the graph (they write the same buffers).
+    CUDA graphs: everything in `sample` has shapes fixed by (B, vocab, flags, num_candidates) and branches only on
+    host flags. Capture it per (batch bucket, flags.for_graph()), for example "greedy" and "full" per bucket, with
+    `logits` and `slots` as static inputs (pad rows: slot `pad_slot`), after one warm-up call outside the capture;
+    after each replay call `complete(out, logits, slots, flags)` with the graph's static tensors. `add`/`remove`
+    write the same buffers the graph reads.
     """
 
     def __init__(self, max_num_seqs: int, vocab_size: int, device: torch.device | str | None = None, *,
-                 num_candidates: int = 256, capturable: bool | None = None):
-        for name, value in (("max_num_seqs", max_num_seqs), ("vocab_size", vocab_size),
-                            ("num_candidates", num_candidates)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DeviceSampler: {name} must be a positive int, got {value!r}")
+                 num_candidates: int | None = None, capturable: bool | None = None):
         self.device = torch.device(device if device is not None else "cpu")
+        if num_candidates is None:  # the CPU's topk slows with K; a GPU's hardly does (benchmarks/sampler.py)
+            num_candidates = 256 if self.device.type == "cpu" else 1024
+        for name, value, least in (("max_num_seqs", max_num_seqs, 1), ("vocab_size", vocab_size, 1),
+                                   ("num_candidates", num_candidates, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"DeviceSampler: {name} must be an int >= {least}, got {value!r}")
         self.capturable = self.device.type != "cpu" if capturable is None else bool(capturable)
         self.max_num_seqs, self.vocab_size, self.num_candidates = max_num_seqs, vocab_size, num_candidates
         self.pad_slot = max_num_seqs
@@ -429,37 +439,65 @@ class DeviceSampler:
         """
         slots, flags = self._batch(logits, slots, flags, "sample")
         raw = logits.float()
-        scores = self._penalize(raw, slots, flags)
+        scores = self._scores(raw, slots, flags)
+        pending = None
         if flags.greedy_only:
             next_ids = scores.argmax(dim=1)
         else:
-            if flags.temperature:
-                scores = scores / self.temperature[slots].unsqueeze(1)  # 1 on greedy rows: they stay as they are
-            next_ids = self._draw(scores, slots, flags)
-            if flags.any_greedy:
+            next_ids, pending = self._draw(scores, slots, flags)
+            if flags.any_greedy:  # greedy rows hold T = 1: their scores are only penalised
                 next_ids = torch.where(self.greedy[slots], scores.argmax(dim=1), next_ids)
-        out = SamplerOutput(next_ids=next_ids)
+        out = SamplerOutput(next_ids=next_ids, pending=pending)
         if flags.logprobs is not None:
             logprobs = torch.log_softmax(raw, dim=1)
             out.chosen_logprobs = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)
             out.top_logprobs, out.top_ids = logprobs.topk(min(flags.logprobs, self.vocab_size), dim=1)
         self.steps.index_add_(0, slots, torch.ones_like(slots))
-        if flags.repetition:
-            self.seen.index_put_((slots, next_ids), self._true)
-        if flags.counts:
-            self.counts.index_put_((slots, next_ids), self._one, accumulate=True)
+        self._record(slots, next_ids, flags, None if pending is None else ~pending)
         return out
+
+    def complete(self, out: SamplerOutput, logits: torch.Tensor, slots, flags: SamplerFlags | None = None
+                 ) -> list[int]:
+        """The next ids as a host list (one device-to-host copy), after drawing the rows `sample` left pending
+        (then a second copy): same logits, slots and flags as that `sample` call, before the next one."""
+        if out.pending is None:
+            return out.next_ids.tolist()
+        host = torch.cat([out.next_ids, out.pending.long()]).tolist()
+        n = out.next_ids.shape[0]
+        rows = [i for i in range(n) if host[n + i]]
+        if not rows:
+            return host[:n]
+        slots, flags = self._batch(logits, slots, flags, "complete")
+        rows_d = torch.tensor(rows, dtype=torch.int64).to(self.device)
+        pending_slots = slots[rows_d]
+        scores = self._scores(logits[rows_d].float(), pending_slots, flags)
+        mass, _, total, top_p_on, limit = self._masses(scores, pending_slots, flags)
+        u = _uniforms(self.seed_lanes[pending_slots], self.steps[pending_slots] - 1)  # `sample` counted the step
+        drawn = _draw_exact(scores, mass, total, top_p_on, limit, u)
+        out.next_ids[rows_d] = drawn
+        out.pending = None
+        if out.chosen_logprobs is not None:
+            out.chosen_logprobs[rows_d] = torch.log_softmax(logits[rows_d].float(), dim=1).gather(
+                1, drawn.unsqueeze(1)).squeeze(1)
+        self._record(pending_slots, drawn, flags, None)
+        for i, token in zip(rows, drawn.tolist()):
+            host[i] = token
+        return host[:n]
+
+    def _record(self, slots, next_ids, flags: SamplerFlags, drawn: torch.Tensor | None) -> None:
+        """Mark the new tokens seen and counted; only where `drawn` (pending rows get theirs from `complete`)."""
+        if flags.repetition:
+            seen = self._true if drawn is None else self.seen[slots, next_ids] | drawn
+            self.seen.index_put_((slots, next_ids), seen)
+        if flags.counts:
+            self.counts.index_put_((slots, next_ids), self._one if drawn is None else drawn.int(), accumulate=True)
 
     def process(self, logits: torch.Tensor, slots, flags: SamplerFlags | None = None) -> torch.Tensor:
         """The fp32 scores the draw samples from (for tests and inspection; changes no state): penalised logits,
         on sampled rows divided by the temperature, with the tokens outside top-k / top-p at -inf."""
         slots, flags = self._batch(logits, slots, flags, "process")
-        scores = self._penalize(logits.float(), slots, flags)
-        if flags.greedy_only:
-            return scores
-        if flags.temperature:
-            scores = scores / self.temperature[slots].unsqueeze(1)
-        if not (flags.top_k or flags.top_p):
+        scores = self._scores(logits.float(), slots, flags)
+        if flags.greedy_only or not (flags.top_k or flags.top_p):
             return scores
         mass, kth, total, top_p_on, limit = self._masses(scores, slots, flags)
         keep = scores >= kth if kth is not None else torch.ones_like(scores, dtype=torch.bool)
@@ -470,13 +508,16 @@ class DeviceSampler:
         keep |= self.greedy[slots].unsqueeze(1)
         return scores.masked_fill(~keep, float("-inf"))
 
-    def _penalize(self, x: torch.Tensor, slots: torch.Tensor, flags: SamplerFlags) -> torch.Tensor:
+    def _scores(self, x: torch.Tensor, slots: torch.Tensor, flags: SamplerFlags) -> torch.Tensor:
+        """Penalised logits; on sampled rows also divided by the temperature (greedy rows hold T = 1)."""
         if flags.repetition:  # HF: divide positive logits, multiply negative ones (x * 1 and x / 1 are exact)
             p = self.repetition[slots].unsqueeze(1)
             x = torch.where(self.seen[slots], torch.where(x < 0, x * p, x / p), x)
         if flags.counts:  # OpenAI's formula, left to right as vLLM applies it
             counts = self.counts[slots]
             x = x - counts * self.frequency[slots].unsqueeze(1) - (counts > 0) * self.presence[slots].unsqueeze(1)
+        if flags.temperature:
+            x = x / self.temperature[slots].unsqueeze(1)
         return x
 
     def _masses(self, scores, slots, flags, candidates: "_Candidates | None" = None):
@@ -497,20 +538,25 @@ class DeviceSampler:
             limit = torch.minimum((fraction * total.double()).ceil().long().clamp(min=1), total)
         return mass, kth, total, top_p_on, limit
 
-    def _draw(self, scores: torch.Tensor, slots: torch.Tensor, flags: SamplerFlags) -> torch.Tensor:
+    def _draw(self, scores: torch.Tensor, slots: torch.Tensor, flags: SamplerFlags):
+        """(next ids, pending rows or None)."""
         candidates = None
-        if not self.capturable:
+        if self.num_candidates:
             candidates = _Candidates(scores, min(self.vocab_size, max(self.num_candidates, flags.top_k)))
         mass, _, total, top_p_on, limit = self._masses(scores, slots, flags, candidates)
         u = _uniforms(self.seed_lanes[slots], self.steps[slots])
         if candidates is None:
-            return _draw_exact(scores, mass, total, top_p_on, limit, u)
+            return _draw_exact(scores, mass, total, top_p_on, limit, u), None
         next_ids, answered = candidates.draw(mass, total, top_p_on, limit, u)
-        if not bool(answered.all()):  # host branch: CPU only (not capturable)
+        if flags.any_greedy:
+            answered = answered | self.greedy[slots]  # they take the argmax instead
+        if self.capturable:
+            return next_ids, ~answered
+        if not bool(answered.all()):  # a host branch: fine where the host is the device
             rows = (~answered).nonzero().squeeze(1)
             pick = (lambda t: None if t is None else t[rows])
             next_ids[rows] = _draw_exact(scores[rows], mass[rows], total[rows], pick(top_p_on), pick(limit), u[rows])
-        return next_ids
+        return next_ids, None
 
 
 def _float32(value: float) -> float:

@@ -187,6 +187,12 @@ def _chi_square(counts, probs):
         int(support.sum()) - 1
 
 
+def _draw(sampler, logits, slots):
+    """One engine step: sample, then complete (rows the candidates left pending, and the copy to the host)."""
+    out = sampler.sample(logits, slots)
+    return torch.tensor(sampler.complete(out, logits, slots))
+
+
 def _sampler(params, vocab, prompts=None, outputs=None, seeds=None, **kwargs):
     """A DeviceSampler holding one request per slot 0..n-1; returns it and the slot list."""
     sampler = DeviceSampler(len(params), vocab, **kwargs)
@@ -288,8 +294,9 @@ def _mixed_logits(rows, vocab, seed):
 
 @pytest.mark.parametrize("num_candidates", [1, 5, 32])
 def test_candidate_draws_equal_the_exact_search(num_candidates, monkeypatch):
-    """The CPU path (top-K candidates, exact search only for rows they cannot answer) and the capturable path
-    (exact search for every row) give the same tokens step after step; both branches of the CPU path run."""
+    """Three ways to the same tokens, step after step: the exact search for every row (num_candidates=0); top-K
+    candidates with the exact search at once for rows they cannot answer (CPU); and candidates with those rows left
+    pending for `complete` (capturable). Both branches of the candidate paths run."""
     vocab, rows = 200, 20
     rng = random.Random(num_candidates)
     params = [SamplingParams(temperature=rng.choice([0, 0.6, 1.0, 1.7]), top_k=rng.choice([0, 0, 3, 40]),
@@ -297,17 +304,27 @@ def test_candidate_draws_equal_the_exact_search(num_candidates, monkeypatch):
                              presence_penalty=rng.choice([0.0, 0.4]), seed=rng.randrange(1 << 40))
               for _ in range(rows)]
     prompts = [[rng.randrange(vocab) for _ in range(rng.randrange(10))] for _ in range(rows)]
-    cpu, slots = _sampler(params, vocab, prompts=prompts, capturable=False, num_candidates=num_candidates)
-    exact, _ = _sampler(params, vocab, prompts=prompts, capturable=True)
+    exact, slots = _sampler(params, vocab, prompts=prompts, num_candidates=0)
+    at_once, _ = _sampler(params, vocab, prompts=prompts, num_candidates=num_candidates, capturable=False)
+    deferred, _ = _sampler(params, vocab, prompts=prompts, num_candidates=num_candidates, capturable=True)
     searched = []
     real = sampling._draw_exact
     monkeypatch.setattr(sampling, "_draw_exact", lambda scores, *a: searched.append(len(scores)) or real(scores, *a))
+    at_once_searched, pending = 0, 0
     for step in range(5):
         logits = _mixed_logits(rows, vocab, step)
-        cpu_ids = cpu.sample(logits, slots).next_ids
-        assert torch.equal(cpu_ids, exact.sample(logits, slots).next_ids), f"step {step}"
+        expected = exact.sample(logits, slots).next_ids
+        searched.clear()
+        assert torch.equal(at_once.sample(logits, slots).next_ids, expected), f"step {step}"
+        at_once_searched += sum(searched)
+        out = deferred.sample(logits, slots)
+        pending += int(out.pending.sum())
+        assert deferred.complete(out, logits, slots) == expected.tolist(), f"step {step}"
     sampled_rows = 5 * sum(not p.greedy for p in params)
-    assert 0 < sum(searched[::2]) < sampled_rows  # cpu calls alternate with the exact sampler's (all rows)
+    assert 0 < at_once_searched == pending < sampled_rows
+    for sampler in (at_once, deferred):  # the state the three kept is the same too
+        assert torch.equal(sampler.steps, exact.steps) and torch.equal(sampler.seen, exact.seen)
+        assert torch.equal(sampler.counts, exact.counts)
 
 
 # ---------------------------------------------------------------- DeviceSampler: seeded draws
@@ -338,14 +355,15 @@ def test_same_seed_same_token_alone_or_in_any_batch():
         slots = [slot_offset + i for i in range(len(rows))]
         for s, r in zip(slots, rows):
             sampler.add(s, params[r], 1000 + r, prompts[r], outputs[r])
-        tokens = [sampler.sample(logits[rows] + step, slots).next_ids for step in range(steps)]
+        tokens = [_draw(sampler, logits[rows] + step, slots) for step in range(steps)]
         return torch.stack(tokens, dim=1)  # [rows, steps]
 
     alone = torch.cat([run([r]) for r in range(len(params))])
     for order_seed in range(3):
         order = torch.randperm(len(params), generator=torch.Generator().manual_seed(order_seed)).tolist()
         assert torch.equal(run(order, slot_offset=order_seed), alone[order])
-    assert torch.equal(run(list(range(8)), capturable=True), alone)
+    assert torch.equal(run(list(range(8)), capturable=True, num_candidates=2), alone)
+    assert torch.equal(run(list(range(8)), num_candidates=0), alone)
     assert torch.equal(run([3, 3, 3])[0], alone[3])  # duplicates do not interfere either
 
 
@@ -415,8 +433,7 @@ def test_large_vocab_never_samples_filtered_tokens(capturable):
     sampler, slots = _sampler(params, vocab, capturable=capturable)
     processed = sampler.process(logits, slots)
     for step in range(3):
-        out = sampler.sample(logits, slots)
-        assert torch.isfinite(processed.gather(1, out.next_ids.view(-1, 1))).all()
+        assert torch.isfinite(processed.gather(1, _draw(sampler, logits, slots).view(-1, 1))).all()
 
 
 def test_greedy_rows_take_argmax_in_mixed_batch():
@@ -458,9 +475,10 @@ def test_graph_flags_give_the_same_tokens(capturable):
         full, _ = _sampler(params, vocab, prompts=[[1, 2]] * len(params), capturable=capturable)
         flags = plain.flags(slots)
         for step in range(3):
-            a = plain.sample(logits[:len(params)], torch.tensor(slots), flags)
-            b = full.sample(logits[:len(params)], torch.tensor(slots), flags.for_graph())
-            assert torch.equal(a.next_ids, b.next_ids), params
+            x, slots_d = logits[:len(params)], torch.tensor(slots)
+            a = plain.sample(x, slots_d, flags)
+            b = full.sample(x, slots_d, flags.for_graph())
+            assert plain.complete(a, x, slots_d, flags) == full.complete(b, x, slots_d, flags.for_graph()), params
             if a.top_ids is not None:  # the same values (which of exactly tied ids gets listed may differ)
                 k = flags.logprobs
                 assert torch.equal(a.top_logprobs, b.top_logprobs[:, :k])
@@ -586,23 +604,24 @@ def test_logprobs_are_the_raw_distribution():
 
 def test_capturable_path_never_reads_the_device():
     """On the meta device any host read (.item(), nonzero, a data-dependent branch) or host tensor raises: the
-    capturable path runs there, for every stage; the CPU path (host branch) does not."""
+    capturable `sample` runs there for every stage, with candidates and with the exact search for every row
+    (num_candidates=0); the CPU path (a host branch) does not."""
     vocab = 1000
-    sampler = DeviceSampler(4, vocab, device="meta")
-    assert sampler.capturable
     params = [SamplingParams(top_p=0.8, top_k=7, repetition_penalty=1.1, presence_penalty=0.1, logprobs=2),
               SamplingParams(temperature=0), SamplingParams(temperature=0.5), SamplingParams(top_p=0.5)]
-    for slot, p in enumerate(params):
-        sampler.add(slot, p, slot, [1, 2], [3])
     logits = torch.empty(4, vocab, device="meta", dtype=torch.bfloat16)
     slots = torch.empty(4, dtype=torch.int64, device="meta")
-    flags = sampler.flags(range(4))
-    for f in (flags, flags.for_graph(), sampler.flags([1])):
-        out = sampler.sample(logits, slots, f)
-        assert out.next_ids.shape == (4,) and out.next_ids.device.type == "meta"
+    for num_candidates in (None, 0):
+        sampler, _ = _sampler(params, vocab, device="meta", num_candidates=num_candidates)
+        assert sampler.capturable
+        flags = sampler.flags(range(4))
+        for f in (flags, flags.for_graph(), sampler.flags([1])):
+            out = sampler.sample(logits, slots, f)
+            assert out.next_ids.shape == (4,) and out.next_ids.device.type == "meta"
+            assert (out.pending is None) == (num_candidates == 0 or f.greedy_only)
     sampler.capturable = False
     with pytest.raises(Exception, match="meta"):
-        sampler.sample(logits, slots, flags)
+        _sampler(params, vocab, device="meta", capturable=False)[0].sample(logits, slots, flags)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -621,7 +640,10 @@ def test_device_sampler_captures_in_a_cuda_graph():
     eager = fresh()
     slots = torch.arange(n, device=device)
     flags = eager.flags(range(n)).for_graph()
-    expected = [eager.sample(logits, slots, flags).next_ids for _ in range(3)]
+    expected = []
+    for _ in range(3):
+        out = eager.sample(logits, slots, flags)
+        expected.append(eager.complete(out, logits, slots, flags))
     static = fresh()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -629,14 +651,11 @@ def test_device_sampler_captures_in_a_cuda_graph():
         fresh().sample(logits, slots, flags)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = static.sample(logits, slots, flags).next_ids
-    replay = fresh()  # capture did not run the kernels; start from the state the eager run started from
-    static.steps.copy_(replay.steps)
-    static.seen.copy_(replay.seen)
+    with torch.cuda.graph(graph):  # records the kernels without running them: `static` keeps its fresh state
+        out = static.sample(logits, slots, flags)
     for step in range(3):
         graph.replay()
-        assert torch.equal(out, expected[step])
+        assert static.complete(out, logits, slots, flags) == expected[step]
 
 
 # ================================================================ legacy API (SamplingTensors + Sampler)
