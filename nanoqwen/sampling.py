@@ -300,8 +300,9 @@ class DeviceSampler:
       in that order holds floor(u * kept mass). One uniform per row, no noise over the vocabulary; each token's
       probability is its share of the kept mass within 2^-53.
     - Finding a mass position: the top `num_candidates` tokens (torch.topk), sorted in the order above, answer it
-      when it lies among the candidates strictly above the K-th value: always for a top-k row with k < K, and for a
-      top-p row whenever its nucleus is inside the top K (language-model rows almost always are). Other rows need
+      when it lies among the candidates strictly above the K-th value: for a top-k row with k < K unless its k-th
+      value ties the K-th, and for a top-p row whose nucleus is inside the top K (language-model rows almost always
+      are). Other rows need
       the exact search over the whole row (`_MassOrder`, a weighted radix select: no sort, but some 30 passes over
       [rows, vocab]). Without `capturable` (the CPU default) `sample` runs it at once on just those rows; with it
       (the CUDA default) `sample` has no data-dependent branch, marks those rows in `out.pending`, leaves their
@@ -387,10 +388,11 @@ class DeviceSampler:
         self._params[slot] = None
 
     def flags(self, slots: Sequence[int]) -> SamplerFlags:
-        """The host flags of a batch made of these slots (`pad_slot` entries are ignored)."""
-        params = []
+        """The host flags of a batch made of these slots (`pad_slot` rows count as greedy rows)."""
+        params, padded = [], False
         for s in slots:
             if s == self.pad_slot:
+                padded = True
                 continue
             self._check_slot(s, "flags")
             if self._params[s] is None:
@@ -400,7 +402,7 @@ class DeviceSampler:
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return SamplerFlags(
             greedy_only=not sampled,
-            any_greedy=len(sampled) < len(params),
+            any_greedy=padded or len(sampled) < len(params),
             repetition=any(p.repetition_penalty != 1.0 for p in params),
             counts=any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params),
             temperature=any(p.temperature != 1.0 for p in sampled),
@@ -527,7 +529,10 @@ class DeviceSampler:
         kth = None
         if flags.top_k:
             top_k = self.top_k[slots].unsqueeze(1)
-            values = candidates.values if candidates is not None else scores.topk(flags.top_k, dim=1).values
+            if candidates is not None:
+                values = candidates.values
+            else:  # for_graph() may have rounded flags.top_k past the vocabulary
+                values = scores.topk(min(flags.top_k, self.vocab_size), dim=1).values
             kth = torch.where(top_k > 0, values.gather(1, (top_k - 1).clamp(min=0)), float("-inf"))
             mass = torch.where(scores >= kth, mass, 0)
         total = mass.sum(dim=1)

@@ -459,8 +459,8 @@ def test_all_greedy_is_plain_argmax_and_ignores_seed():
     assert torch.equal(sampler.sample(logits, slots).next_ids, logits.float().argmax(-1))
 
 
-@pytest.mark.parametrize("capturable", [False, True])
-def test_graph_flags_give_the_same_tokens(capturable):
+@pytest.mark.parametrize("capturable, num_candidates", [(False, None), (True, None), (True, 0)])
+def test_graph_flags_give_the_same_tokens(capturable, num_candidates):
     """Every optional stage on (SamplerFlags.for_graph) changes no token: one graph serves many compositions."""
     vocab = 300
     logits = _mixed_logits(6, vocab, 1)
@@ -470,9 +470,12 @@ def test_graph_flags_give_the_same_tokens(capturable):
         [SamplingParams(top_k=7, seed=4), SamplingParams(temperature=0), SamplingParams(temperature=0.5, seed=5)],
         [SamplingParams(logprobs=3, seed=6), SamplingParams(presence_penalty=1.0, seed=7)],
     ]
+    batches.append([SamplingParams(top_k=290, seed=8), SamplingParams(top_k=3, top_p=0.7, seed=9)])  # 512 > vocab
     for params in batches:
-        plain, slots = _sampler(params, vocab, prompts=[[1, 2]] * len(params), capturable=capturable)
-        full, _ = _sampler(params, vocab, prompts=[[1, 2]] * len(params), capturable=capturable)
+        plain, slots = _sampler(params, vocab, prompts=[[1, 2]] * len(params), capturable=capturable,
+                                num_candidates=num_candidates)
+        full, _ = _sampler(params, vocab, prompts=[[1, 2]] * len(params), capturable=capturable,
+                           num_candidates=num_candidates)
         flags = plain.flags(slots)
         for step in range(3):
             x, slots_d = logits[:len(params)], torch.tensor(slots)
