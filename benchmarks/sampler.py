@@ -129,7 +129,7 @@ class Batch:
 def graph_time(mode: str, logits: torch.Tensor, reps: int, num_candidates: int | None) -> tuple[float, bool]:
     """The new `sample` in a CUDA graph: (median us per replay + complete, first replay's tokens == eager ones)."""
     batch = logits.shape[0]
-    captured, eager = Batch(mode, batch, num_candidates=num_candidates), Batch(mode, batch, num_candidates=num_candidates)
+    captured, eager = (Batch(mode, batch, num_candidates=num_candidates) for _ in range(2))
     flags = captured.flags.for_graph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -161,8 +161,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     results, ok = [], True
-    print(f"device {DEV} ({torch.cuda.get_device_name() if DEV.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
-          f", torch {torch.__version__}, vocab {VOCAB}", flush=True)
+    where = torch.cuda.get_device_name() if DEV.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device {DEV} ({where}), torch {torch.__version__}, vocab {VOCAB}", flush=True)
     for shape in args.shapes:
         print(f"{shape} logits: top-p 0.8 nucleus sizes {nucleus_sizes(make_logits(shape, 16, 0))}", flush=True)
     for mode in MODES:

@@ -461,7 +461,8 @@ class DeviceSampler:
     def complete(self, out: SamplerOutput, logits: torch.Tensor, slots, flags: SamplerFlags | None = None
                  ) -> list[int]:
         """The next ids as a host list (one device-to-host copy), after drawing the rows `sample` left pending
-        (then a second copy): same logits, slots and flags as that `sample` call, before the next one."""
+        (then a second copy): same logits, slots and flags as that `sample` call, before the next one. Updates
+        `out` in place (a second call finds nothing pending)."""
         if out.pending is None:
             return out.next_ids.tolist()
         host = torch.cat([out.next_ids, out.pending.long()]).tolist()
@@ -477,7 +478,7 @@ class DeviceSampler:
         u = _uniforms(self.seed_lanes[pending_slots], self.steps[pending_slots] - 1)  # `sample` counted the step
         drawn = _draw_exact(scores, mass, total, top_p_on, limit, u)
         out.next_ids[rows_d] = drawn
-        out.pending = None
+        out.pending.zero_()  # in place: under a CUDA graph `out` is the same static tensors at every replay
         if out.chosen_logprobs is not None:
             out.chosen_logprobs[rows_d] = torch.log_softmax(logits[rows_d].float(), dim=1).gather(
                 1, drawn.unsqueeze(1)).squeeze(1)
@@ -657,7 +658,7 @@ class _MassOrder:
             group_mass = hist.gather(1, b.unsqueeze(1)).squeeze(1)
             before = before + at_or_above.gather(1, b.unsqueeze(1)).squeeze(1) - group_mass
             chosen.append(b)
-        group = (((chosen[0] - 1024) << 21) | (chosen[1] << 10) | chosen[2]).to(torch.int32)
+        group = ((chosen[0] - 1024) * 2 ** 21 + chosen[1] * 2 ** 10 + chosen[2]).to(torch.int32)
         count = (self.key == group.unsqueeze(1)).sum(dim=1).clamp(min=1)
         return group, before, position - before, (group_mass // count).clamp(min=1)
 
