@@ -100,13 +100,14 @@ echo "gpu_check commit $COMMIT, deadline ${DEADLINE_S} s$([ "$DRY" = 1 ] && echo
 # ---- the steps, most valuable first. One line each: step NAME CAP_SECONDS COMMAND... (caps from estimates:
 # correct them from the step times in results.json after a real run)
 step decode 160 "$PY" benchmarks/decode.py           # batch-1 bf16/int4/int8 x greedy/chat vs roofline, fastref
+step gpu_tests 75 "$PY" -m pytest -q -x -p no:cacheprovider -k "bfloat16 or cuda" tests/test_kernels.py tests/test_kv_int8_kernels.py tests/test_sampling.py tests/test_lora_kernels.py  # bf16 kernels, sampler graphs
 step kernels 45 "$PY" benchmarks/kernels.py          # prefill vs SDPA; paged decode engine launch vs ideal vs copy
+step sampler 40 "$PY" benchmarks/sampler.py --batches 1 64 256 --candidates 1024 4096  # vs a sort-based sampler
 step throughput 130 "$PY" benchmarks/throughput.py   # 256 requests vs HF and fastref static batches
 step gptq 45 "$PY" benchmarks/gptq_bench.py          # int4/int8 GEMV and matmuls vs bf16 cuBLAS
 step kv_int8 35 "$PY" benchmarks/kv_int8.py          # int8 KV: bytes, sequences per memory, decode attention
-# ---- other benchmarks go here, one line each (launches, host_overhead, sampler, serve, lora), with caps that fit
-# ---- last: what the lines above already cover in part
-step gpu_tests 60 "$PY" -m pytest -q -x -p no:cacheprovider -k bfloat16 tests/test_kernels.py tests/test_kv_int8_kernels.py
+step lora 40 "$PY" benchmarks/lora.py                # unmerged LoRA: decode with 0, 1 and 4 adapters in a batch of 32
+# ---- other benchmarks go here, one line each (serve: on a GPU later), with caps that fit
 gpu_step ceilings 25 env BUDGET_S=20 "$PY" .bench/ceilings.py  # copy, bf16 matmul, SDPA ceilings
 gpu_step gemv_anchor 25 env M=1 "$PY" .bench/gemv_anchor.py    # torch's int4 tinygemm at batch 1
 

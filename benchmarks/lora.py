@@ -58,7 +58,7 @@ def decode_step(model, batch: int, context: int, block_size: int = 16):
         slot_mapping=(tables[:, context // block_size] * block_size + context % block_size).long(),
         block_tables=tables, context_lens=torch.full((batch,), context + 1, dtype=torch.int32, device=dev),
         max_context_len=context + 1, is_decode=True, logits_indices=None)
-    tokens = torch.randint(0, 151000, (batch,), device=dev)
+    tokens = torch.randint(0, cfg.vocab_size, (batch,), device=dev)
     return lambda: model(tokens, meta, cache)
 
 

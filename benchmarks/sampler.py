@@ -1,16 +1,16 @@
-"""Sampler speed: microseconds per call, the legacy `Sampler` (what the engine runs today) against `DeviceSampler`.
+"""Sampler speed: microseconds per call, `DeviceSampler` against a plain sort-based PyTorch sampler (HF's way).
 
     python benchmarks/sampler.py                       # batches 1 16 64 256, Qwen's vocabulary (151,936)
     python benchmarks/sampler.py --batches 1 16 --reps 5
 
 Modes: "greedy" (temperature 0, no penalty) and "chat" (Qwen's chat defaults: top_p 0.8, repetition penalty 1.1,
 temperature 1, each request its own seed, 300 seen ids). Both sides are timed as an engine step uses them, up to
-the tokens in a host list. Legacy, as `LLM._sample` runs it: plain argmax for greedy batches, otherwise
-`SamplingTensors.from_params` (rebuilt every step, with its host-to-device copies) + `Sampler` + the presence-mask
-update; then `.tolist()`. New: `DeviceSampler.sample` (batch flags, device slots tensor, state updates) +
-`complete` (the copy to the host, and the exact search for rows the candidates could not answer).
+the tokens in a host list. Baseline ("old"): argmax for greedy batches, otherwise what HF's processors do
+(repetition penalty through a presence mask, a sort of the whole vocabulary, softmax, cumsum, the top-p mask,
+torch.multinomial); then `.tolist()`. New: `DeviceSampler.sample` (batch flags, device slots tensor, state
+updates) + `complete` (the copy to the host, and the exact search for rows the candidates could not answer).
 
-Logits shapes (the legacy sampler sorts the whole row whatever they are; the new one's cost depends on them):
+Logits shapes (the baseline sorts the whole row whatever they are; the new one's cost depends on them):
 - "peaked": a bulk of randn * 2.5 plus a head of 40 tokens near +14: a top-p 0.8 nucleus of a few tokens, as a
   language model's next-token distribution usually has. The top-K candidates answer every row.
 - "flat": randn: a nucleus of ~66k tokens, the worst case: every row goes through the exact radix search (with
@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nanoqwen.sampling import DeviceSampler, Sampler, SamplingParams, SamplingTensors  # noqa: E402
+from nanoqwen.sampling import DeviceSampler, SamplingParams  # noqa: E402
 
 VOCAB = 151936
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,7 +89,7 @@ def timed(fn, reps: int) -> float:
 
 
 class Batch:
-    """One batch of `batch` requests in a mode: the legacy engine's state and a DeviceSampler's."""
+    """One batch of `batch` requests in a mode: the baseline's state and a DeviceSampler's."""
 
     def __init__(self, mode: str, batch: int, capturable: bool | None = None, num_candidates: int | None = None):
         self.params = [SamplingParams(**MODES[mode], seed=i) for i in range(batch)]
@@ -97,13 +97,14 @@ class Batch:
         self.prompts = [torch.randint(0, VOCAB, (300,), generator=g).tolist() for _ in range(batch)]
         self.penalty = any(p.repetition_penalty != 1.0 for p in self.params)
         self.greedy = all(p.greedy for p in self.params)
-        # legacy: the engine's [max_num_seqs, vocab] presence rows and per-request seeds and steps
+        # baseline: a [batch, vocab] presence mask kept on the device, settings as tensors built once
         self.seen = torch.zeros(batch, VOCAB, dtype=torch.bool, device=DEV)
         for row, ids in enumerate(self.prompts):
             self.seen[row, torch.tensor(ids, device=DEV)] = True
         self.rows = torch.arange(batch, device=DEV)
-        self.steps = [0] * batch
-        self.legacy = Sampler()
+        self.penalties = torch.tensor([p.repetition_penalty for p in self.params], device=DEV).unsqueeze(1)
+        self.top_p = torch.tensor([p.top_p for p in self.params], device=DEV).unsqueeze(1)
+        self.generator = torch.Generator(device=DEV).manual_seed(0)
         # new
         self.sampler = DeviceSampler(batch, VOCAB, DEV, capturable=capturable, num_candidates=num_candidates)
         for slot, (p, ids) in enumerate(zip(self.params, self.prompts)):
@@ -114,9 +115,14 @@ class Batch:
     def old(self, logits: torch.Tensor) -> list[int]:
         if self.greedy and not self.penalty:
             return logits.argmax(-1).tolist()
-        state = SamplingTensors.from_params(self.params, DEV, seeds=[p.seed for p in self.params], steps=self.steps,
-                                            seen=self.seen[self.rows] if self.penalty else None)
-        next_ids = self.legacy(logits, state).next_ids
+        x = logits.float()
+        if self.penalty:
+            x = torch.where(self.seen, torch.where(x < 0, x * self.penalties, x / self.penalties), x)
+        ordered, order = torch.sort(x, dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        drop = probs.cumsum(-1) - probs > self.top_p  # mass before a token already beyond top_p
+        probs = probs.masked_fill(drop, 0.0)
+        next_ids = order.gather(1, torch.multinomial(probs, 1, generator=self.generator)).squeeze(1)
         if self.penalty:
             self.seen[self.rows, next_ids] = True
         return next_ids.tolist()
@@ -157,7 +163,10 @@ def main() -> int:
     ap.add_argument("--candidates", type=int, nargs="+", default=[None],
                     help="DeviceSampler num_candidates values to time (default: the device's default)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--tiny", action="store_true", help="a smoke run: batch 1, peaked logits, one timed call")
     args = ap.parse_args()
+    if args.tiny:
+        args.batches, args.shapes, args.reps, args.candidates = [1], ["peaked"], 1, [None]
     if args.threads:
         torch.set_num_threads(args.threads)
     results, ok = [], True

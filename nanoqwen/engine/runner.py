@@ -23,54 +23,17 @@ import torch
 
 from ..attention import AttentionMetadata
 from ..kv_cache import KVCache
-from ..sampling import Sampler, SamplerOutput, SamplingParams, SamplingTensors
+from ..sampling import DeviceSampler, SamplerFlags, SamplerOutput
 from .scheduler import Sequence
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-
-
-class SlotSampler:
-    """The sampler's per-request settings and repetition-penalty memory, kept per slot between steps."""
-
-    def __init__(self, num_slots: int, vocab_size: int, device: torch.device):
-        self.vocab_size, self.device = vocab_size, device
-        self.params: list[SamplingParams | None] = [None] * num_slots
-        self.seeds = [0] * num_slots
-        self.steps = [0] * num_slots
-        self.seen: torch.Tensor | None = None  # [num_slots, vocab] bool, made when a request first needs it
-        self.sampler = Sampler()
-
-    def add(self, slot: int, params: SamplingParams, seed: int, token_ids: list[int], num_prompt: int) -> None:
-        self.params[slot], self.seeds[slot], self.steps[slot] = params, seed, len(token_ids) - num_prompt
-        if params.repetition_penalty != 1.0:
-            if self.seen is None:
-                self.seen = torch.zeros(len(self.params), self.vocab_size, dtype=torch.bool, device=self.device)
-            self.seen[slot] = False
-            self.seen[slot, torch.tensor(token_ids, device=self.device)] = True
-
-    def sample(self, logits: torch.Tensor, slots: list[int]) -> SamplerOutput:
-        params = [self.params[s] for s in slots]
-        penalty = any(p.repetition_penalty != 1.0 for p in params)
-        if all(p.greedy and p.logprobs is None for p in params) and not penalty:
-            out = SamplerOutput(next_ids=logits.argmax(-1))  # plain greedy: no sampler state to build
-        else:
-            rows = torch.tensor(slots, device=self.device) if penalty else None
-            state = SamplingTensors.from_params(params, self.device, seeds=[self.seeds[s] for s in slots],
-                                                steps=[self.steps[s] for s in slots],
-                                                seen=self.seen[rows] if penalty else None)
-            out = self.sampler(logits, state)
-            if penalty:
-                self.seen[rows, out.next_ids] = True
-        for s in slots:
-            self.steps[s] += 1
-        return out
 
 
 @dataclass
 class LaunchedStep:
     """A step whose device work is queued: the sequences it samples for (in row order) and where their tokens land."""
     sampled: list[Sequence]
-    token_ids: torch.Tensor | None = None  # [N] int64 on the host (pinned on CUDA), valid once `event` is done
+    token_ids: torch.Tensor | list[int] | None = None  # [N] on the host (pinned on CUDA), valid once `event` is done
     logprobs: tuple | None = None  # (chosen [N], top values [N, k], top ids [N, k]) on the host
     event: torch.cuda.Event | None = None
     started: float = field(default_factory=time.perf_counter)
@@ -94,7 +57,7 @@ class ModelRunner:
         self.synced = [0] * S  # blocks of each slot's row present in `tables`
         self.owner = [0] * S  # admission id of the sequence a slot was set up for
         self.last_tokens = torch.zeros(S, dtype=torch.long, device=dev)
-        self.sampler = SlotSampler(S, model.config.vocab_size, dev)
+        self.sampler = DeviceSampler(max_num_seqs, model.config.vocab_size, dev)  # its pad_slot is our trash slot
         self.pinned = dev.type == "cuda"
         self._token_bufs = [torch.zeros(S, dtype=torch.long, pin_memory=self.pinned) for _ in range(2)]
         self._flip = 0
@@ -116,7 +79,8 @@ class ModelRunner:
             if self.owner[slot] != seq.admissions:
                 self.owner[slot], self.synced[slot] = seq.admissions, 0
                 fresh.append(seq)
-                self.sampler.add(slot, seq.params, seq.seed, seq.token_ids, seq.num_prompt)
+                self.sampler.add(slot, seq.params, seq.seed, seq.token_ids[:seq.num_prompt],
+                                 seq.token_ids[seq.num_prompt:])
             n, table = self.synced[slot], seq.block_table
             if len(table) > n:
                 self.tables_host[slot, n:len(table)] = table[n:]
@@ -133,27 +97,36 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------------- a step
     def launch(self, batch: list[tuple[Sequence, int]]) -> LaunchedStep:
         """Queue the device work of a batch (each sequence computes its `n` tokens from `num_computed` on) and the
-        copy of the sampled tokens to the host; returns without waiting for either."""
+        copy of the sampled tokens to the host. Greedy batches return without waiting for either; a batch with
+        sampled rows waits for its tokens here, since the sampler may have to finish rows on the host's word
+        (`DeviceSampler.complete`) before the next step may read them."""
         self._prepare_slots(batch)
         sampled = [seq for seq, n in batch if seq.num_computed + n == seq.num_tokens]
+        flags = self.sampler.flags([s.slot for s in sampled]) if sampled else None
         decode = len(sampled) == len(batch) and all(n == 1 for _, n in batch)
         with torch.no_grad():
             if decode and self.graphs is not None:
-                logits = self.graphs.run(batch)
+                out, logits, slots = self.graphs.run(batch, flags)
             else:
-                logits = self._forward_eager(batch, len(sampled))
-            out = self.sampler.sample(logits, [s.slot for s in sampled]) if sampled else None
+                logits, slots = self._forward_eager(batch, len(sampled))
+                out = None
+                if sampled:
+                    out = self.sampler.sample(logits, slots, flags)
+                    self.last_tokens.index_copy_(0, slots, out.next_ids)
         step = LaunchedStep(sampled)
-        if out is not None:
-            slots = torch.tensor([s.slot for s in sampled], device=self.device)
-            self.last_tokens.index_copy_(0, slots, out.next_ids)
-            step.token_ids = self._to_host(out.next_ids)
-            if out.chosen_logprobs is not None:
-                step.logprobs = tuple(t.to("cpu", non_blocking=self.pinned)
-                                      for t in (out.chosen_logprobs, out.top_logprobs, out.top_ids))
+        if out is None:
+            return step
+        n = len(sampled)
+        if flags.greedy_only:  # nothing pending: the copy completes while the next step runs
+            step.token_ids = self._to_host(out.next_ids[:n])
             if self.pinned:
                 step.event = torch.cuda.Event()
                 step.event.record()
+        else:
+            step.token_ids = self.sampler.complete(out, logits, slots, flags)[:n]
+            self.last_tokens.index_copy_(0, slots, out.next_ids)  # with the rows `complete` drew
+        if flags.logprobs is not None:
+            step.logprobs = tuple(t[:n].cpu() for t in (out.chosen_logprobs, out.top_logprobs, out.top_ids))
         return step
 
     def _to_host(self, ids: torch.Tensor) -> torch.Tensor:
@@ -167,12 +140,14 @@ class ModelRunner:
         """Wait for a launched step's tokens (only for that step: later launched work keeps running)."""
         if step.event is not None:
             step.event.synchronize()
-        ids = step.token_ids.tolist() if step.token_ids is not None else []
+        ids = step.token_ids if isinstance(step.token_ids, list) else \
+            step.token_ids.tolist() if step.token_ids is not None else []
         lp = tuple(t.tolist() for t in step.logprobs) if step.logprobs is not None else None
         return ids, lp
 
-    def _forward_eager(self, batch, num_sampled: int) -> torch.Tensor:
-        """Any batch, exact shapes: per-token metadata built on the host with numpy, two uploads."""
+    def _forward_eager(self, batch, num_sampled: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any batch, exact shapes: per-token metadata built on the host with numpy, two uploads. Returns the
+        logits of the sampled rows and their slots (on the device)."""
         bs = self.block_size
         starts = np.array([seq.num_computed for seq, _ in batch], dtype=np.int64)
         lens = np.array([n for _, n in batch], dtype=np.int64)
@@ -195,10 +170,11 @@ class ModelRunner:
                 pending_rows.append(i)
         sampled_rows = np.nonzero(ends == np.array([seq.num_tokens for seq, _ in batch]))[0]
         logits_rows = cu[1:][sampled_rows] - 1
-        longs = self._upload(np.concatenate([tokens, positions, slot_mapping, ntk, logits_rows, slots]))
+        longs = self._upload(np.concatenate([tokens, positions, slot_mapping, ntk, logits_rows, slots,
+                                             slots[sampled_rows]]))
         ints = self._upload(np.concatenate([cu, ends]).astype(np.int32))
-        tokens_d, positions_d, slot_mapping_d, ntk_d, rows_d, slots_d = longs.split(
-            [T, T, T, T, len(logits_rows), len(batch)])
+        tokens_d, positions_d, slot_mapping_d, ntk_d, rows_d, slots_d, sampled_slots = longs.split(
+            [T, T, T, T, len(logits_rows), len(batch), len(sampled_rows)])
         if pending_rows:  # decodes of sequences whose last token the host has not read: take it on the device
             rows = torch.tensor([int(cu[i + 1]) - 1 for i in pending_rows], device=self.device)
             src = torch.tensor([batch[i][0].slot for i in pending_rows], device=self.device)
@@ -209,18 +185,24 @@ class ModelRunner:
             slot_mapping=slot_mapping_d, block_tables=self.tables[slots_d, :width], context_lens=ints[len(batch) + 1:],
             max_context_len=int(ends.max()), is_decode=bool((lens == 1).all()) and num_sampled == len(batch),
             logits_indices=rows_d)
-        return self.model(tokens_d, meta, self.kv_cache)
+        return self.model(tokens_d, meta, self.kv_cache), sampled_slots
 
     def close(self) -> None:
         self.graphs = None
 
 
+# the sampler variants captured for every bucket at start-up: greedy, and Qwen chat's (temperature, top-p,
+# repetition penalty); others (top-k, presence/frequency penalties, logprobs) are captured when first used
+STARTUP_FLAGS = (SamplerFlags(greedy_only=True), SamplerFlags(repetition=True, temperature=True, top_p=True).for_graph())
+
+
 class DecodeGraphs:
-    """Decode-only steps, padded to a batch-size bucket, over static buffers; one CUDA graph per bucket.
+    """Decode-only steps, padded to a batch-size bucket, over static buffers; one CUDA graph per bucket and sampler
+    variant (`SamplerFlags.for_graph()`), holding the forward, the sampler and the store of the sampled tokens.
 
     The host writes five integers per row (slot, position, cache slot, NTK row, context length) into one pinned
     buffer and uploads it with one copy; everything else the step needs is on the device already (input tokens,
-    block tables). Attention launches a grid fixed by the static `max_context_len` (max_model_len).
+    block tables, sampler state). Attention launches a grid fixed by the static `max_context_len` (max_model_len).
     """
 
     def __init__(self, runner: ModelRunner, max_num_seqs: int, capture: bool):
@@ -234,19 +216,23 @@ class DecodeGraphs:
             self.host = self.host_t.numpy()
         self.meta = self.host_t if dev.type == "cpu" else torch.zeros(5, n, dtype=torch.long, device=dev)
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, tuple] = {}
+        self.graphs: dict[tuple, tuple] = {}  # (bucket, flags) -> (graph, (out, logits))
         self.pool = None
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _step(self, b: int, flags: SamplerFlags | None):
         r = self.runner
         slot_ids, positions, slot_mapping, ntk, ctx = self.meta[:, :b].unbind(0)
         meta = AttentionMetadata(
             cu_seqlens_q=self.cu[:b + 1], max_seqlen_q=1, positions=positions, ntk_index=ntk,
             slot_mapping=slot_mapping, block_tables=r.tables[slot_ids], context_lens=ctx.int(),
             max_context_len=r.max_blocks * r.block_size, is_decode=True, logits_indices=None)
-        return r.model(r.last_tokens[slot_ids], meta, r.kv_cache)
+        logits = r.model(r.last_tokens[slot_ids], meta, r.kv_cache)
+        out = r.sampler.sample(logits, slot_ids, flags)
+        r.last_tokens.index_copy_(0, slot_ids, out.next_ids)
+        return out, logits
 
-    def run(self, batch) -> torch.Tensor:
+    def run(self, batch, flags: SamplerFlags) -> tuple[SamplerOutput, torch.Tensor, torch.Tensor]:
+        """(sampler output, logits, slots) of the padded bucket; the first len(batch) rows are the batch's."""
         r, b = self.runner, len(batch)
         bucket = next(x for x in self.buckets if x >= b)
         h, bs = self.host, r.block_size
@@ -257,43 +243,59 @@ class DecodeGraphs:
         h[:, b:bucket] = ((r.trash,), (0,), (-1,), (0,), (0,))  # pad rows: trash slot, not stored, no context
         if self.meta is not self.host_t:
             self.meta[:, :bucket].copy_(self.host_t[:, :bucket], non_blocking=True)
-        if not self.capture:
-            return self._forward(bucket)[:b]
-        if bucket not in self.graphs:
-            self.capture_bucket(bucket)
-        graph, out = self.graphs.get(bucket, (None, None))
-        if graph is None:
-            return self._forward(bucket)[:b]
-        graph.replay()
-        return out[:b]
+        flags = flags.for_graph()
+        key = (bucket, flags)
+        if self.capture and key not in self.graphs:
+            self.capture_one(bucket, flags)
+        if key not in self.graphs:
+            out, logits = self._step(bucket, flags)
+        else:
+            graph, (out, logits) = self.graphs[key]
+            graph.replay()
+        return out, logits, self.meta[0, :bucket]
 
     def capture_all(self, progress: bool) -> None:
-        """Capture every bucket now (the first steps of a server should not pay for captures)."""
+        """Capture every bucket's greedy and chat-sampling graphs now (a server's first steps should not wait)."""
         if not self.capture:
             return
         t0 = time.perf_counter()
+        self.meta[0].fill_(self.runner.trash)  # every row a pad row while capturing
         self.meta[2].fill_(-1)
         self.meta[4].zero_()
-        self.meta[0].fill_(self.runner.trash)
         for b in reversed(self.buckets):  # largest first: the smaller graphs reuse its memory pool
-            self.capture_bucket(b)
-            if not self.capture:
-                break
+            for flags in STARTUP_FLAGS:
+                self.capture_one(b, flags, live=False)
         if progress and self.capture:
-            print(f"captured CUDA graphs for {len(self.buckets)} decode batch sizes in "
-                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            print(f"captured {len(self.graphs)} CUDA graphs ({len(self.buckets)} decode batch sizes x "
+                  f"{len(STARTUP_FLAGS)} sampler variants) in {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr, flush=True)
 
-    def capture_bucket(self, bucket: int) -> None:
+    def capture_one(self, bucket: int, flags: SamplerFlags, live: bool = True) -> None:
+        """Capture one (bucket, sampler variant). A capture in the middle of a run (`live`: the buffers hold a real
+        batch) first runs the step once outside the graph to compile its kernels: that run's writes to the input
+        tokens and the sampler's state are undone (its KV writes are the ones the replay repeats)."""
+        if not self.capture:
+            return
+        r, sampler = self.runner, self.runner.sampler
+        if flags.counts and sampler.counts is None:
+            return  # made when the first request with presence/frequency penalties arrives: eager until then
+        state = [r.last_tokens, sampler.steps] + ([sampler.seen] if flags.repetition else []) + \
+            ([sampler.counts] if flags.counts else [])
+        saved = [t.clone() for t in state] if live else []
         try:
             with torch.no_grad():
-                self._forward(bucket)  # compile every kernel variant before capture
+                self._step(bucket, flags)  # compile every kernel variant before capture
+                for t, copy in zip(state, saved):
+                    t.copy_(copy)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    out = self._forward(bucket)
+                    outputs = self._step(bucket, flags)
                 self.pool = graph.pool()
-            self.graphs[bucket] = (graph, out)
+            self.graphs[(bucket, flags)] = (graph, outputs)
         except Exception as e:  # never fail a request because a graph could not be captured
             warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding without graphs")
             self.capture = False
             self.graphs.clear()
+            for t, copy in zip(state, saved):
+                t.copy_(copy)
