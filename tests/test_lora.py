@@ -89,7 +89,10 @@ def served(tiny_ckpt, adapters):
 def final_hidden(model, run):
     """run() under a hook capturing ln_f's output (the golden's final_hidden)."""
     seen = []
-    handle = model.transformer.ln_f.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    def hook(module, inputs, out):  # ln_f returns (normed, residual) when the last block's residual is fused in
+        seen.append((out[0] if isinstance(out, tuple) else out).detach().clone())
+
+    handle = model.transformer.ln_f.register_forward_hook(hook)
     try:
         with torch.no_grad():
             out = run()
