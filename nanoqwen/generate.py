@@ -41,6 +41,8 @@ def parse_args(argv=None, prog="python -m nanoqwen.generate"):
     p.add_argument("--kv-quant-mode", choices=["default", "qwen"], default="default",
                    help="int8 cache rounding: default (per token and head, rounded) or qwen (the reference's "
                         "chunk-wide truncation, for parity)")
+    p.add_argument("--lora", metavar="PATH", help="a PEFT LoRA adapter folder (as Qwen's finetune.py writes it), "
+                   "merged into the weights at load time")
     p.add_argument("--no-special-tokens", action="store_true",
                    help="base models: encode special-token text in the prompt (e.g. <|endoftext|>) as plain text "
                         "instead of as the special token (chat messages are always plain text)")
@@ -142,7 +144,7 @@ def main(argv=None, prog=None) -> int:
     from .engine import LLM
     try:
         llm = LLM(args.ckpt, device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache,
-                  kv_quant_mode=args.kv_quant_mode)
+                  kv_quant_mode=args.kv_quant_mode, lora=args.lora)
         params = sampling_params(llm, args)
         if args.prompt is None:
             interactive(llm, args, params)

@@ -85,8 +85,9 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def prefix_hashes(self, token_ids: list[int], num_prompt: int, salt: int) -> list[int]:
-        """Chained hashes of the full blocks inside the prompt."""
+    def prefix_hashes(self, token_ids: list[int], num_prompt: int, salt) -> list[int]:
+        """Chained hashes of the full blocks inside the prompt; `salt` (hashable) starts the chain: what else the
+        cached K/V depend on (the NTK row, the LoRA adapter)."""
         hashes, h = [], hash(("nanoqwen", salt))
         for i in range(num_prompt // self.block_size):
             h = hash((h, tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])))

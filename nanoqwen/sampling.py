@@ -40,6 +40,7 @@ class SamplingParams:
     does not). `seed` makes sampling reproducible; None lets the engine draw one (see `random_seed`).
     `logprobs=k` asks for the k most likely tokens' log-probabilities at each step (0: only the chosen
     token's). `ignore_eos` keeps generating past `<|endoftext|>` until `max_new_tokens` (benchmarks).
+    `lora` names an adapter added with `LLM.add_lora` (an engine built with `enable_lora=True`); None: the base model.
     """
 
     temperature: float = 1.0
@@ -54,6 +55,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     ignore_eos: bool = False
+    lora: str | None = None
 
     def __post_init__(self):
         self.temperature = _real("temperature", self.temperature)
@@ -88,6 +90,9 @@ class SamplingParams:
             raise ValueError(f"SamplingParams: ignore_eos must be True or False, got {self.ignore_eos!r}")
         self.stop = _stop_strings(self.stop)
         self.stop_token_ids = _stop_ids(self.stop_token_ids)
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora):
+            raise ValueError(f"SamplingParams: lora must be an adapter name (a non-empty string) or None, got "
+                             f"{self.lora!r}")
 
     @property
     def greedy(self) -> bool:

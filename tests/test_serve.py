@@ -22,6 +22,7 @@ from nanoqwen import LLM, SamplingParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL, KEY, MAX_MODEL_LEN = "tiny", "sk-test-key", 4096
+ADAPTER = "tiny-lora"  # the golden LoRA adapter, served unmerged beside the base model
 # One torch thread in the server and for the reference runs here: identical arithmetic (a matmul split over threads
 # may round differently), and on a shared CPU an oversubscribed thread pool only spins.
 THREADS = 1
@@ -34,11 +35,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_ckpt):
+def server(tiny_ckpt, golden):
     port = free_port()
     cmd = [sys.executable, "-m", "nanoqwen.serve", "--ckpt", str(tiny_ckpt), "--port", str(port),
            "--served-model-name", MODEL, "--api-key", KEY, "--device", "cpu", "--dtype", "float32",
-           "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16", "--log-level", "warning"]
+           "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16", "--log-level", "warning",
+           "--lora-modules", f"{ADAPTER}={golden / 'qwen-tiny' / 'lora' / 'adapter'}", "--max-lora-rank", "8"]
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -108,8 +110,8 @@ def chunks_text(stream) -> tuple[str, list]:
 
 # ------------------------------------------------------------------------------------------------ models
 def test_models_and_unknown_model(server, client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
-    assert client.models.retrieve(MODEL).id == MODEL
+    assert [m.id for m in client.models.list().data] == [MODEL, ADAPTER]  # adapters are models, as vLLM lists them
+    assert client.models.retrieve(MODEL).id == MODEL and client.models.retrieve(ADAPTER).parent == MODEL
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("gpt-4")
     assert e.value.body["code"] == "model_not_found" and MODEL in e.value.body["message"]
@@ -144,6 +146,26 @@ def test_greedy_chat_equals_llm_chat(client, llm):
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(ref.token_ids))
     assert r.usage.total_tokens == len(ids) + len(ref.token_ids)
     assert r.id.startswith("chatcmpl-") and r.model == MODEL and r.created > 0
+
+
+def test_penalties_and_lora_adapter(client, llm, tiny_ckpt, golden):
+    """presence/frequency penalties reach the sampler, and `model` = an adapter's name runs that LoRA adapter:
+    both equal the in-process engine with the same settings."""
+    query = "Penalties: say it again and again."
+    ids = llm.chat_context(query)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": query}], temperature=0,
+                                       max_tokens=12, presence_penalty=-2, frequency_penalty=-2)
+    ref = reference(llm, ids, temperature=0, max_new_tokens=12, presence_penalty=-2, frequency_penalty=-2)
+    assert r.choices[0].message.content == ref.text
+    assert ref.token_ids != reference(llm, ids, temperature=0, max_new_tokens=12).token_ids  # (negative: repeats win)
+    lora = LLM(tiny_ckpt, device="cpu", dtype=torch.float32, num_kv_blocks=64, progress=False, enable_lora=True,
+               max_loras=1, max_lora_rank=8)
+    lora.add_lora(ADAPTER, golden / "qwen-tiny" / "lora" / "adapter")
+    r = client.chat.completions.create(model=ADAPTER, messages=[{"role": "user", "content": query}], temperature=0,
+                                       max_tokens=12)
+    ref = reference(lora, ids, temperature=0, max_new_tokens=12, lora=ADAPTER)
+    assert r.choices[0].message.content == ref.text and r.model == MODEL
+    assert ref.text != reference(llm, ids, temperature=0, max_new_tokens=12).text
 
 
 def test_max_tokens_gives_length(client):
@@ -300,8 +322,8 @@ BAD_CHAT = [  # (fields over a valid request, the param the 400 names)
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x " * (MAX_MODEL_LEN + 10)}]}, "messages"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": -1}, "frequency_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"logit_bias": {"42": 5}}, "logit_bias"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"top_logprobs": 2}, "top_logprobs"),

@@ -100,6 +100,11 @@ class LLM:
     `cuda_graphs` (default: on CUDA) runs decode steps as CUDA graphs per batch-size bucket, all captured when the
     engine is built; True on the CPU runs the same padded static path without capture (for tests).
     `overlap` (default: on CUDA) launches each step before reading the previous step's tokens (see the module doc).
+    LoRA adapters (PEFT folders, as Qwen's finetune.py writes them): `lora=PATH` merges one into the weights at load
+    time (fp checkpoints; no cost per token); `enable_lora=True` serves up to `max_loras` unmerged adapters of rank
+    up to `max_lora_rank` at once, on fp and GPTQ models: `add_lora(name, path)`, then `SamplingParams(lora=name)`
+    per request (requests with different adapters, or none, share batches; the prefix cache never shares blocks
+    between adapters).
     KV cache size: `num_kv_blocks` blocks of `block_size` tokens if given; else on CUDA a `gpu_memory_utilization`
     fraction of the GPU memory left after the weights and a profiled forward; on the CPU `cpu_kv_cache_gib` GiB.
     """
@@ -108,7 +113,8 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, cpu_kv_cache_gib: float = 0.5, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, max_model_len: int = 32768, enable_prefix_caching: bool = True,
                  kv_cache_dtype: str | None = None, kv_quant_mode: str = "default", cuda_graphs: bool | None = None,
-                 overlap: bool | None = None, progress: bool = True, tokenizer=None):
+                 overlap: bool | None = None, progress: bool = True, tokenizer=None, lora=None,
+                 enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 16):
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         for name, v in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
@@ -120,11 +126,14 @@ class LLM:
             if want.type != ckpt.device.type or want.index not in (None, ckpt.device.index):
                 raise ValueError(f"the model given is on {ckpt.device}, but device={device!r} was asked for: move "
                                  "the model first (model.to(device)) or leave device unset")
+            if lora is not None:
+                raise ValueError("lora= merges an adapter while loading a checkpoint; for a model already built, "
+                                 "merge it yourself (nanoqwen.lora.merge_adapter) or pass enable_lora=True")
             self.model, folder = ckpt, None
         else:
             device = resolve_device(device)  # before any download or conversion: a bad device fails at once
             folder = resolve_checkpoint(ckpt, progress=progress, need_tokenizer=tokenizer is None)
-            self.model = load_model(folder, device, dtype)  # default dtype: bf16 on CUDA (fp16 for GPTQ), fp32 CPU
+            self.model = load_model(folder, device, dtype, lora=lora)  # default: bf16 on CUDA (fp16 GPTQ), fp32 CPU
         self.device, self.dtype = self.model.device, self.model.dtype
         self.config, self.progress = self.model.config, progress
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer or folder)
@@ -136,6 +145,11 @@ class LLM:
         self.max_num_batched_tokens, self.max_model_len = max_num_batched_tokens, max_model_len
         cfg = self.config
         self.kv_cache_dtype = None if kv_cache_dtype in (None, "auto") else kv_cache_dtype
+        self.lora = None
+        if enable_lora:  # before sizing the cache (the LoRA layers' buffers count) and before capturing graphs
+            from ..lora import LoraManager
+            self.lora = LoraManager(self.model, max_loras, max_lora_rank,
+                                    max_num_tokens=max(max_num_batched_tokens, max_num_seqs))
         if num_kv_blocks is None:
             num_kv_blocks = self._auto_num_blocks(gpu_memory_utilization, cpu_kv_cache_gib)
         if num_kv_blocks < 1:
@@ -155,6 +169,7 @@ class LLM:
         self.runner = ModelRunner(self.model, self.kv_cache, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                   block_size=block_size, cuda_graphs=on_cuda if cuda_graphs is None else cuda_graphs,
                                   progress=progress)
+        self.runner.lora = self.lora
         self.overlap = on_cuda if overlap is None else overlap
         self.requests: dict[int, Sequence] = {}
         self._aborted: list[RequestOutput] = []  # reported by the next step()
@@ -196,6 +211,8 @@ class LLM:
         n = min(self.max_num_batched_tokens, self.max_model_len)
         meta = AttentionMetadata.for_prefill([n], self.device, [0], logits_indices=torch.tensor([n - 1],
                                                                                                 device=self.device))
+        if self.lora is not None:
+            self.lora.set_token_indices(torch.full((n,), -1, dtype=torch.int32))
         with torch.no_grad():  # profile the largest prefill the scheduler can build (logits of its last row only)
             self.model(torch.zeros(n, dtype=torch.long, device=self.device), meta)
         torch.cuda.synchronize(self.device)
@@ -223,6 +240,15 @@ class LLM:
         params = params if params is not None else self.default_params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        lora_slot, lora_id = -1, None
+        if params.lora is not None:
+            if self.lora is None:
+                raise ValueError(f"the request asks for LoRA adapter {params.lora!r}, but this engine serves none: "
+                                 "build it with LLM(..., enable_lora=True) and add the adapter with add_lora")
+            if params.lora not in self.lora.names:
+                raise ValueError(f"no LoRA adapter named {params.lora!r} (loaded: {self.lora.names or 'none'}); "
+                                 "add it first with add_lora(name, path)")
+            lora_slot, lora_id = self.lora.slot(params.lora), self.lora.adapter_id(params.lora)
         ids = self.encode(prompt, special_tokens)
         if not ids:
             raise ValueError("the prompt is empty: give at least one token (or a non-empty string)")
@@ -244,9 +270,27 @@ class LLM:
         seq = Sequence(next(self._ids), ids, params, params.seed if params.seed is not None else random_seed(),
                        frozenset(stops))
         seq.detok = IncrementalDetokenizer(self.tokenizer)
+        seq.lora_slot, seq.lora_id = lora_slot, lora_id
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq.request_id
+
+    def add_lora(self, name: str, path) -> None:
+        """Load a PEFT adapter folder (or a nanoqwen.lora.LoraAdapter) under `name`, for SamplingParams(lora=name)."""
+        if self.lora is None:
+            raise ValueError("this engine was built without enable_lora=True: it cannot add adapters (pass lora=PATH "
+                             "to merge one at load time, or build it with enable_lora=True)")
+        self.lora.add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload an adapter; refused while a queued or running request uses it."""
+        if self.lora is None or name not in self.lora.names:
+            raise ValueError(f"no LoRA adapter named {name!r} is loaded")
+        users = [s.request_id for s in self.requests.values() if s.params.lora == name]
+        if users:
+            raise ValueError(f"LoRA adapter {name!r} is in use by request(s) {users[:5]}: wait for them or abort "
+                             "them first")
+        self.lora.remove(name)
 
     def abort(self, request_id: int) -> None:
         """Stop a request now; the next `step()` reports it finished with reason "abort". Unknown ids are ignored."""

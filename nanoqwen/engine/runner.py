@@ -58,6 +58,7 @@ class ModelRunner:
         self.owner = [0] * S  # admission id of the sequence a slot was set up for
         self.last_tokens = torch.zeros(S, dtype=torch.long, device=dev)
         self.sampler = DeviceSampler(max_num_seqs, model.config.vocab_size, dev)  # its pad_slot is our trash slot
+        self.lora = None  # a nanoqwen.lora.LoraManager when the engine serves unmerged adapters
         self.pinned = dev.type == "cuda"
         self._token_bufs = [torch.zeros(S, dtype=torch.long, pin_memory=self.pinned) for _ in range(2)]
         self._flip = 0
@@ -161,6 +162,9 @@ class ModelRunner:
         token_slots = slots[seq_of_token]
         slot_mapping = self.tables_host[token_slots, positions // bs].astype(np.int64) * bs + positions % bs
         ntk = np.array([seq.ntk_index for seq, _ in batch], dtype=np.int64)[seq_of_token]
+        lora = np.zeros(0, dtype=np.int64)
+        if self.lora is not None:
+            lora = np.repeat(np.array([seq.lora_slot for seq, _ in batch], dtype=np.int64), lens)
         tokens = np.empty(T, dtype=np.int64)
         pending_rows = []  # rows whose input is a token sampled on the device and not read by the host yet
         for i, (seq, n) in enumerate(batch):
@@ -171,10 +175,12 @@ class ModelRunner:
         sampled_rows = np.nonzero(ends == np.array([seq.num_tokens for seq, _ in batch]))[0]
         logits_rows = cu[1:][sampled_rows] - 1
         longs = self._upload(np.concatenate([tokens, positions, slot_mapping, ntk, logits_rows, slots,
-                                             slots[sampled_rows]]))
+                                             slots[sampled_rows], lora]))
         ints = self._upload(np.concatenate([cu, ends]).astype(np.int32))
-        tokens_d, positions_d, slot_mapping_d, ntk_d, rows_d, slots_d, sampled_slots = longs.split(
-            [T, T, T, T, len(logits_rows), len(batch), len(sampled_rows)])
+        tokens_d, positions_d, slot_mapping_d, ntk_d, rows_d, slots_d, sampled_slots, lora_d = longs.split(
+            [T, T, T, T, len(logits_rows), len(batch), len(sampled_rows), len(lora)])
+        if self.lora is not None:
+            self.lora.set_token_indices(lora_d)  # the adapter slot of every token row (-1: none)
         if pending_rows:  # decodes of sequences whose last token the host has not read: take it on the device
             rows = torch.tensor([int(cu[i + 1]) - 1 for i in pending_rows], device=self.device)
             src = torch.tensor([batch[i][0].slot for i in pending_rows], device=self.device)
@@ -200,28 +206,31 @@ class DecodeGraphs:
     """Decode-only steps, padded to a batch-size bucket, over static buffers; one CUDA graph per bucket and sampler
     variant (`SamplerFlags.for_graph()`), holding the forward, the sampler and the store of the sampled tokens.
 
-    The host writes five integers per row (slot, position, cache slot, NTK row, context length) into one pinned
-    buffer and uploads it with one copy; everything else the step needs is on the device already (input tokens,
-    block tables, sampler state). Attention launches a grid fixed by the static `max_context_len` (max_model_len).
+    The host writes six integers per row (slot, position, cache slot, NTK row, context length, LoRA adapter slot)
+    into one pinned buffer and uploads it with one copy; everything else the step needs is on the device already
+    (input tokens, block tables, sampler state). Attention launches a grid fixed by the static `max_context_len`
+    (max_model_len).
     """
 
     def __init__(self, runner: ModelRunner, max_num_seqs: int, capture: bool):
         self.runner, self.capture = runner, capture
         n, dev = max_num_seqs, runner.device
         self.buckets = sorted({b for b in BUCKETS if b < n} | {n})
-        self.host = np.zeros((5, n), dtype=np.int64)
+        self.host = np.zeros((6, n), dtype=np.int64)
         self.host_t = torch.from_numpy(self.host)
         if runner.pinned:
             self.host_t = self.host_t.pin_memory()
             self.host = self.host_t.numpy()
-        self.meta = self.host_t if dev.type == "cpu" else torch.zeros(5, n, dtype=torch.long, device=dev)
+        self.meta = self.host_t if dev.type == "cpu" else torch.zeros(6, n, dtype=torch.long, device=dev)
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.graphs: dict[tuple, tuple] = {}  # (bucket, flags) -> (graph, (out, logits))
         self.pool = None
 
     def _step(self, b: int, flags: SamplerFlags | None):
         r = self.runner
-        slot_ids, positions, slot_mapping, ntk, ctx = self.meta[:, :b].unbind(0)
+        slot_ids, positions, slot_mapping, ntk, ctx, lora = self.meta[:, :b].unbind(0)
+        if r.lora is not None:
+            r.lora.set_token_indices(lora)  # inside the graph: a device-to-device copy into the layers' buffer
         meta = AttentionMetadata(
             cu_seqlens_q=self.cu[:b + 1], max_seqlen_q=1, positions=positions, ntk_index=ntk,
             slot_mapping=slot_mapping, block_tables=r.tables[slot_ids], context_lens=ctx.int(),
@@ -238,9 +247,9 @@ class DecodeGraphs:
         h, bs = self.host, r.block_size
         for i, (seq, _) in enumerate(batch):
             pos = seq.num_computed
-            h[0, i], h[1, i], h[3, i], h[4, i] = seq.slot, pos, seq.ntk_index, pos + 1
+            h[0, i], h[1, i], h[3, i], h[4, i], h[5, i] = seq.slot, pos, seq.ntk_index, pos + 1, seq.lora_slot
             h[2, i] = int(r.tables_host[seq.slot, pos // bs]) * bs + pos % bs
-        h[:, b:bucket] = ((r.trash,), (0,), (-1,), (0,), (0,))  # pad rows: trash slot, not stored, no context
+        h[:, b:bucket] = ((r.trash,), (0,), (-1,), (0,), (0,), (-1,))  # pads: trash slot, not stored, no context
         if self.meta is not self.host_t:
             self.meta[:, :bucket].copy_(self.host_t[:, :bucket], non_blocking=True)
         flags = flags.for_graph()
@@ -262,6 +271,7 @@ class DecodeGraphs:
         self.meta[0].fill_(self.runner.trash)  # every row a pad row while capturing
         self.meta[2].fill_(-1)
         self.meta[4].zero_()
+        self.meta[5].fill_(-1)
         for b in reversed(self.buckets):  # largest first: the smaller graphs reuse its memory pool
             for flags in STARTUP_FLAGS:
                 self.capture_one(b, flags, live=False)

@@ -42,6 +42,8 @@ class Sequence:
         self.num_registered = 0  # prompt blocks handed to the prefix cache so far
         self.ntk_index: int | None = None  # frozen at the first prefill, kept through preemption
         self.slot: int | None = None  # row of the runner's per-sequence buffers while running
+        self.lora_id: int | None = None  # the LoRA adapter's unique id (LoraManager.adapter_id), None: none
+        self.lora_slot = -1  # its slot in the LoraManager's buffers (fixed while the adapter is in use)
         self.admissions = 0  # the runner re-initialises a slot when this changes
         self.status = WAITING
         self.finish_reason: str | None = None
@@ -164,7 +166,8 @@ class Scheduler:
             return False
         if seq.ntk_index is None:
             seq.ntk_index = ntk_index(seq.num_prompt, self.seq_length, self.use_dynamic_ntk)
-            seq.prefix_hashes = self.blocks.prefix_hashes(seq.token_ids, seq.num_prompt, seq.ntk_index)
+            # cached K/V depend on the NTK row and the adapter: blocks are shared only between equal ones
+            seq.prefix_hashes = self.blocks.prefix_hashes(seq.token_ids, seq.num_prompt, (seq.ntk_index, seq.lora_id))
         seq.block_table, seq.num_computed = self.blocks.allocate(seq.token_ids, seq.prefix_hashes)  # every token
         seq.num_registered = seq.num_computed // self.blocks.block_size
         seq.metrics.setdefault("cached_tokens", seq.num_computed)

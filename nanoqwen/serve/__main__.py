@@ -29,8 +29,22 @@ def parse_args(argv=None, prog="python -m nanoqwen.serve"):
     p.add_argument("--max-num-seqs", type=int, help="most requests in one batch (default: the engine's)")
     p.add_argument("--gpu-memory-utilization", type=float,
                    help="fraction of the GPU memory for weights, activations and the KV cache (default 0.9)")
+    p.add_argument("--lora", metavar="PATH", help="a PEFT LoRA adapter merged into the weights at load time")
+    p.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH", default=[],
+                   help="LoRA adapters served unmerged beside the base model, each as a model of its own (a request "
+                        "with model NAME uses it); requests with different adapters share batches")
+    p.add_argument("--max-loras", type=int, default=4, help="adapters loaded at once (with --lora-modules)")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank (with --lora-modules)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    modules = {}
+    for item in args.lora_modules:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            p.error(f"--lora-modules takes NAME=PATH items, got {item!r}")
+        modules[name] = path
+    args.lora_modules = modules
+    return args
 
 
 def main(argv=None, prog=None) -> int:
@@ -51,8 +65,13 @@ def main(argv=None, prog=None) -> int:
     engine_args = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs),
                                      ("gpu_memory_utilization", args.gpu_memory_utilization)) if v is not None}
     try:
+        if args.lora_modules:
+            engine_args.update(enable_lora=True, max_loras=max(args.max_loras, len(args.lora_modules)),
+                               max_lora_rank=args.max_lora_rank)
         llm = LLM(args.ckpt, device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache,
-                  kv_quant_mode=args.kv_quant_mode, **engine_args)
+                  kv_quant_mode=args.kv_quant_mode, lora=args.lora, **engine_args)
+        for name, path in args.lora_modules.items():
+            llm.add_lora(name, path)
     except (CheckpointError, ConfigError, OSError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

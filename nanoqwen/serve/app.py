@@ -85,9 +85,17 @@ class Server:
             raise APIError(401, "missing or wrong API key: send the server's --api-key as 'Authorization: Bearer "
                                 "KEY'", None, "invalid_api_key")
 
-    def model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "nanoqwen",
-                "root": self.model_name, "parent": None, "max_model_len": self.max_model_len}
+    def adapters(self) -> list[str]:
+        """The LoRA adapters served as models of their own (LLM(enable_lora=True) and --lora-modules)."""
+        return list(self.llm.lora.names) if getattr(self.llm, "lora", None) is not None else []
+
+    def check_model(self, requested: str | None) -> str | None:
+        return check_model(requested, self.model_name, self.adapters())
+
+    def model_card(self, adapter: str | None = None) -> dict:
+        return {"id": adapter or self.model_name, "object": "model", "created": self.created, "owned_by": "nanoqwen",
+                "root": adapter or self.model_name, "parent": self.model_name if adapter else None,
+                "max_model_len": self.max_model_len}
 
     def token_entry(self, token_id: int, logprob: float) -> dict:
         raw = self.tokenizer.id_to_bytes(token_id)
@@ -184,7 +192,7 @@ class Server:
     async def chat(self, request: Request) -> Response:
         self.authorize(request)
         req = parse(ChatRequest, await request.body())
-        check_model(req.model, self.model_name)
+        lora = self.check_model(req.model)
         check_unsupported(req)
         if req.response_format is not None and req.response_format.type != "text":
             raise APIError(400, f"response_format {req.response_format.type!r} is not supported: only \"text\"",
@@ -201,7 +209,7 @@ class Server:
         params = [sampling_params(req, self.defaults, max_tokens=req.max_completion_tokens or req.max_tokens,
                                   prompt_len=len(ids), max_model_len=self.max_model_len, stop=stop,
                                   seed=None if req.seed is None else req.seed + i, logprobs=logprobs,
-                                  param="messages") for i in range(n)]
+                                  param="messages", lora=lora) for i in range(n)]
         gen = await self.start([(ids, p) for p in params])
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         choices = [ChatChoice(self, i, functions is not None, legacy, req.logprobs) for i in range(n)]
@@ -245,7 +253,7 @@ class Server:
     async def completions(self, request: Request) -> Response:
         self.authorize(request)
         req = parse(CompletionRequest, await request.body())
-        check_model(req.model, self.model_name)
+        lora = self.check_model(req.model)
         check_unsupported(req)
         if req.suffix:
             raise APIError(400, "suffix is not supported: Qwen has no fill-in-the-middle format", "suffix")
@@ -262,7 +270,7 @@ class Server:
                 p = sampling_params(req, self.defaults, max_tokens=req.max_tokens, prompt_len=len(ids),
                                     max_model_len=self.max_model_len, stop=stop,
                                     seed=None if req.seed is None else req.seed + i, logprobs=req.logprobs,
-                                    param="prompt")
+                                    param="prompt", lora=lora)
                 if req.echo and req.logprobs is not None:
                     p = dataclasses.replace(p, prompt_logprobs=req.logprobs)
                 items.append((ids, p))
@@ -331,7 +339,7 @@ class Server:
     async def tokenize(self, request: Request) -> Response:
         self.authorize(request)
         req = parse(TokenizeRequest, await request.body())
-        check_model(req.model, self.model_name)
+        self.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, 'give either "prompt" (a string) or "messages" (a chat, with optional "tools"), '
                                 "not both and not neither", "prompt")
@@ -345,7 +353,7 @@ class Server:
     async def detokenize(self, request: Request) -> Response:
         self.authorize(request)
         req = parse(DetokenizeRequest, await request.body())
-        check_model(req.model, self.model_name)
+        self.check_model(req.model)
         bad = [t for t in req.tokens if not 0 <= t < self.llm.config.vocab_size]
         if bad:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.llm.config.vocab_size})",
@@ -519,13 +527,13 @@ def create_app(llm, model_name: str, api_key: str | None = None) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         server.authorize(request)
-        return json_response({"object": "list", "data": [server.model_card()]})
+        return json_response({"object": "list", "data": [server.model_card(None)] +
+                                                        [server.model_card(a) for a in server.adapters()]})
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
         server.authorize(request)
-        check_model(model_id, server.model_name)
-        return json_response(server.model_card())
+        return json_response(server.model_card(server.check_model(model_id)))
 
     app.post("/v1/chat/completions")(server.chat)
     app.post("/v1/completions")(server.completions)

@@ -202,18 +202,19 @@ def _json_path(data, loc, missing: bool) -> tuple[str, list[str]]:
     return path, names
 
 
-def check_model(requested: str | None, served: str) -> None:
-    if requested is not None and requested != served:
-        raise APIError(404, f"the model {requested!r} does not exist: this server serves {served!r} "
-                            "(GET /v1/models lists it)", "model", "model_not_found")
+def check_model(requested: str | None, served: str, adapters: list[str] = ()) -> str | None:
+    """The LoRA adapter a request's `model` names (None: the base model); 404 for a name the server does not serve."""
+    if requested is None or requested == served:
+        return None
+    if requested in adapters:
+        return requested
+    names = ", ".join(repr(n) for n in [served, *adapters])
+    raise APIError(404, f"the model {requested!r} does not exist: this server serves {names} (GET /v1/models lists "
+                        "them)", "model", "model_not_found")
 
 
 def check_unsupported(req: Common) -> None:
     """Refuse what would otherwise be silently ignored and change the output."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise APIError(400, f"{name} is not supported yet: send 0 or leave it out (repetition_penalty, an extra "
-                                "field, is supported)", name)
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported: leave it out", "logit_bias")
     if req.stream_options is not None and not req.stream:
@@ -224,7 +225,7 @@ def check_unsupported(req: Common) -> None:
 
 def sampling_params(req: Common, defaults: SamplingParams, *, max_tokens: int | None, prompt_len: int,
                     max_model_len: int, stop: list[str], seed: int | None, logprobs: int | None,
-                    param: str) -> SamplingParams:
+                    param: str, lora: str | None = None) -> SamplingParams:
     """The request's SamplingParams: its fields over the checkpoint's defaults.
 
     An explicit max_tokens must fit in max_model_len after the prompt (a 400 otherwise, as OpenAI and vLLM answer);
@@ -245,9 +246,10 @@ def sampling_params(req: Common, defaults: SamplingParams, *, max_tokens: int | 
     try:
         return SamplingParams(
             temperature=pick("temperature"), top_p=pick("top_p"), top_k=max(pick("top_k"), 0),  # vLLM's -1: no top-k
-            repetition_penalty=pick("repetition_penalty"),
+            repetition_penalty=pick("repetition_penalty"), presence_penalty=pick("presence_penalty"),
+            frequency_penalty=pick("frequency_penalty"),
             max_new_tokens=max_tokens if max_tokens is not None else min(defaults.max_new_tokens, room),
-            stop=stop or None, seed=seed, logprobs=logprobs, ignore_eos=bool(req.ignore_eos))
+            stop=stop or None, seed=seed, logprobs=logprobs, ignore_eos=bool(req.ignore_eos), lora=lora)
     except ValueError as e:  # whatever SamplingParams itself refuses
         raise APIError(400, str(e)) from None
 
