@@ -14,8 +14,10 @@ Ops run inside `transformer.h[i]` count for layer i, the rest as "outside". CPU-
     python benchmarks/launches.py [--batch 1] [--context 700] [--kv-cache int8 [--kv-quant-mode qwen]] [--gptq 4]
                                   [--eager]
 
-`--eager` adds `logits_indices` as the engine's non-graph path (`LLM._prepare`) does. Prints a table, then one JSON
-line.
+`--eager` adds `logits_indices` as the engine's non-graph path does. `--engine greedy|chat` counts instead what the
+engine's CUDA graph for a decode step holds (`DecodeGraphs._step`): the gathers of the step's inputs from the
+per-slot buffers, the forward, the sampler (greedy, or Qwen's chat defaults: top_p 0.8, repetition penalty 1.1) and
+the store of the sampled tokens. Prints a table, then one JSON line.
 """
 from __future__ import annotations
 
@@ -152,6 +154,29 @@ def build(args, device):
     return model, tokens, meta, cache
 
 
+def engine_step(model, args):
+    """The engine's decode step as its CUDA graph holds it, for `args.batch` requests `args.context` tokens in."""
+    from nanoqwen import LLM, SamplingParams, Tokenizer
+    here = Path(__file__).resolve().parent.parent
+    vocab = next(p for p in (here / ".bench" / "qwen.tiktoken", here.parent / "shared" / "qwen" / "Qwen-7B" /
+                             "qwen.tiktoken", here.parent / "shared" / "golden" / "qwen-tiny" / "checkpoint" /
+                             "qwen.tiktoken") if p.is_file())
+    llm = LLM(model, tokenizer=Tokenizer(vocab), num_kv_blocks=args.batch * ((args.context + 64) // 16 + 2),
+              max_num_seqs=args.batch, max_model_len=2048, cuda_graphs=True, progress=False)
+    params = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True) if args.engine == "greedy" else \
+        SamplingParams(top_p=0.8, repetition_penalty=1.1, max_new_tokens=64, ignore_eos=True, seed=0)
+    for i in range(args.batch):
+        llm.add_request([(7 * i + j) % model.config.vocab_size for j in range(args.context - 1)], params)
+    while any(s.num_computed < s.num_prompt for s in llm.running) or llm.waiting:
+        llm.step()
+    llm.step()  # one decode step through the engine: the graph's buffers now hold a real batch
+    llm.runner.sampler.capturable = True  # as on CUDA: no host branch, rows the candidates miss left to complete()
+    graphs, b = llm.runner.graphs, args.batch
+    bucket = next(x for x in graphs.buckets if x >= b)
+    flags = llm.runner.sampler.flags([s.slot for s in llm.running]).for_graph()
+    return lambda: graphs._step(bucket, flags)[1]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=1)
@@ -161,16 +186,18 @@ def main():
     p.add_argument("--kv-quant-mode", choices=["default", "qwen"], default="default")
     p.add_argument("--gptq", type=int, choices=[4, 8], default=None, help="swap in GPTQ linears of these bits")
     p.add_argument("--eager", action="store_true", help="the non-graph decode metadata (with logits_indices)")
+    p.add_argument("--engine", choices=["greedy", "chat"], help="count the engine's whole graphed decode step")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokens, meta, cache = build(args, device)
     model._check_ids = lambda ids: None  # a CPU-only check (see the module docstring)
+    step = (lambda: model(tokens, meta, cache)) if args.engine is None else engine_step(model, args)
     counter = LaunchCounter()
     handles = counter.attribute_layers(model)
     with torch.no_grad():
-        model(tokens, meta, cache)  # warm up: compile (GPU) or rewrite (interpreter) every kernel once
+        step()  # warm up: compile (GPU) or rewrite (interpreter) every kernel once
         with counter.triton_launches(), counter:
-            logits = model(tokens, meta, cache)
+            logits = step()
     for h in handles:
         h.remove()
     assert logits.shape == (args.batch, model.config.vocab_size) and torch.isfinite(logits.float()).all()

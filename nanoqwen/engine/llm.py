@@ -167,8 +167,7 @@ class LLM:
                                    whole_prompt_chunks=qwen_mode)
         on_cuda = self.device.type == "cuda"
         self.runner = ModelRunner(self.model, self.kv_cache, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                  block_size=block_size, cuda_graphs=on_cuda if cuda_graphs is None else cuda_graphs,
-                                  progress=progress)
+                                  block_size=block_size, cuda_graphs=on_cuda if cuda_graphs is None else cuda_graphs)
         self.runner.lora = self.lora
         self.overlap = on_cuda if overlap is None else overlap
         self.requests: dict[int, Sequence] = {}

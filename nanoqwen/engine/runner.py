@@ -3,20 +3,20 @@
 Per-sequence state lives in persistent buffers indexed by the sequence's slot (a row per running sequence, plus a
 trash row for padding): the block table (updated with only the blocks a step appends), the NTK row, the last sampled
 token and the sampler's per-request settings. So a decode step uploads a few integers per sequence (slot, position,
-cache slot, NTK row, context length) in one copy, whatever the context length, and its input tokens never travel
-through the host: each decode reads its slot's last sampled token on the device. That is what lets the engine launch
-step n + 1 before it has read step n's tokens (overlap scheduling).
+cache slot, NTK row, context length, LoRA slot) in one copy, whatever the context length, and its input tokens never
+travel through the host: each decode reads its slot's last sampled token on the device. That is what lets the engine
+launch step n + 1 before it has read step n's tokens (overlap scheduling).
 
 Decode-only steps run through a static path padded to a batch-size bucket (pad rows: trash slot, cache slot -1,
-context 0), captured as one CUDA graph per bucket at start-up; on the CPU the same static path runs eagerly (tests).
-Every other step (prefill chunks, mixed batches) runs eagerly with exact shapes.
+context 0), captured as CUDA graphs (forward + sampler + token store) per bucket and sampler variant; on the CPU the
+same static path runs eagerly (tests). Every other step (prefill chunks, mixed batches) runs eagerly, exact shapes.
 """
 from __future__ import annotations
 
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,12 +36,11 @@ class LaunchedStep:
     token_ids: torch.Tensor | list[int] | None = None  # [N] on the host (pinned on CUDA), valid once `event` is done
     logprobs: tuple | None = None  # (chosen [N], top values [N, k], top ids [N, k]) on the host
     event: torch.cuda.Event | None = None
-    started: float = field(default_factory=time.perf_counter)
 
 
 class ModelRunner:
     def __init__(self, model, kv_cache: KVCache, *, max_num_seqs: int, max_model_len: int, block_size: int,
-                 cuda_graphs: bool, progress: bool = True):
+                 cuda_graphs: bool):
         self.model, self.kv_cache = model, kv_cache
         self.device = model.device
         self.block_size, self.max_model_len = block_size, max_model_len
@@ -216,12 +215,12 @@ class DecodeGraphs:
         self.runner, self.capture = runner, capture
         n, dev = max_num_seqs, runner.device
         self.buckets = sorted({b for b in BUCKETS if b < n} | {n})
-        self.host = np.zeros((6, n), dtype=np.int64)
-        self.host_t = torch.from_numpy(self.host)
-        if runner.pinned:
-            self.host_t = self.host_t.pin_memory()
-            self.host = self.host_t.numpy()
-        self.meta = self.host_t if dev.type == "cpu" else torch.zeros(6, n, dtype=torch.long, device=dev)
+        # the host side of the step's inputs; on CUDA two pinned buffers used in turn, since with overlap the next
+        # step is written while this step's copy may still wait in the stream (the engine reads step n's tokens,
+        # which waits for its copy, before it writes step n + 2)
+        bufs = [torch.zeros(6, n, dtype=torch.long, pin_memory=runner.pinned) for _ in range(2 if runner.pinned else 1)]
+        self.host_bufs, self._flip = bufs, 0
+        self.meta = bufs[0] if dev.type == "cpu" else torch.zeros(6, n, dtype=torch.long, device=dev)
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.graphs: dict[tuple, tuple] = {}  # (bucket, flags) -> (graph, (out, logits))
         self.pool = None
@@ -244,14 +243,16 @@ class DecodeGraphs:
         """(sampler output, logits, slots) of the padded bucket; the first len(batch) rows are the batch's."""
         r, b = self.runner, len(batch)
         bucket = next(x for x in self.buckets if x >= b)
-        h, bs = self.host, r.block_size
+        host = self.host_bufs[self._flip]
+        self._flip = (self._flip + 1) % len(self.host_bufs)
+        h, bs = host.numpy(), r.block_size
         for i, (seq, _) in enumerate(batch):
             pos = seq.num_computed
             h[0, i], h[1, i], h[3, i], h[4, i], h[5, i] = seq.slot, pos, seq.ntk_index, pos + 1, seq.lora_slot
             h[2, i] = int(r.tables_host[seq.slot, pos // bs]) * bs + pos % bs
         h[:, b:bucket] = ((r.trash,), (0,), (-1,), (0,), (0,), (-1,))  # pads: trash slot, not stored, no context
-        if self.meta is not self.host_t:
-            self.meta[:, :bucket].copy_(self.host_t[:, :bucket], non_blocking=True)
+        if self.meta is not host:
+            self.meta[:, :bucket].copy_(host[:, :bucket], non_blocking=True)
         flags = flags.for_graph()
         key = (bucket, flags)
         if self.capture and key not in self.graphs:
