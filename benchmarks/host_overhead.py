@@ -10,7 +10,8 @@ host part of sampling, building its inputs and launching it, is what this measur
 no stop), steps are timed once every request has finished its prompt. Parts:
   schedule   Scheduler.schedule + commit (admission, token budget, blocks, prefix cache)
   metadata   ModelRunner.launch minus the forward and the sampler (slot set-up, block-table deltas, step metadata)
-  sampling   the sampler call (settings, penalties, draw), on the CPU its compute too, over 512 ids
+  sampling   the sampler's host side: its flags per batch, and for sampled batches `complete` (the copy of the
+             tokens); its device work is inside the stubbed graph (prefill steps sample eagerly, not timed here)
   detok      incremental detokenization of the new tokens
   outputs    the rest of turning tokens into outputs: stop checks, RequestOutput objects, the host copy's wait
   total      step() minus the stubbed forward
@@ -32,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nanoqwen import LLM, Qwen, SamplingParams  # noqa: E402
+from nanoqwen.sampling import SamplerOutput  # noqa: E402
 from nanoqwen.testing import tiny_config  # noqa: E402
 from nanoqwen.tokenizer import IncrementalDetokenizer, Tokenizer  # noqa: E402
 
@@ -83,12 +85,20 @@ def measure(batch: int, prompt_len: int, mode: str, steps: int, tokenizer: Token
         return logits[:rows]
 
     llm.model.forward = timer.wrap("forward", forward)  # prefill steps (eager)
-    # decode steps: what a CUDA graph replay does on the GPU (gathers + forward + nothing on the host) is one call
-    llm.runner.graphs._forward = timer.wrap("forward", lambda b: logits[:b])
+    # decode steps: on a GPU one CUDA graph replay (input gathers, forward, sampler, token store): device work, stubbed
+    # by its outputs (argmax tokens; nothing pending); what the host does around it is measured
+    argmax = logits.argmax(-1)
+    pending = torch.zeros(logits.shape[0], dtype=torch.bool)
+
+    def replay(b, flags):
+        return SamplerOutput(argmax[:b], pending=None if flags.greedy_only else pending[:b]), logits[:b]
+
+    llm.runner.graphs._step = timer.wrap("forward", replay)
     llm.scheduler.schedule = timer.wrap("schedule", llm.scheduler.schedule)
     llm.scheduler.commit = timer.wrap("schedule", llm.scheduler.commit)
     llm.runner.launch = timer.wrap("launch", llm.runner.launch)
-    llm.runner.sampler.sample = timer.wrap("sampling", llm.runner.sampler.sample)
+    for name in ("sample", "flags", "complete"):  # the sampler's host side (its device work runs in the graph)
+        setattr(llm.runner.sampler, name, timer.wrap("sampling", getattr(llm.runner.sampler, name)))
     llm._process = timer.wrap("process", llm._process)
     push = IncrementalDetokenizer.push
     IncrementalDetokenizer.push = timer.wrap("detok", push)
