@@ -159,8 +159,10 @@ class IncrementalDetokenizer:
 
     def push(self, token_ids: Iterable[int] | int) -> str:
         """Feed new ids (a list or a single id); return the text they complete."""
-        if isinstance(token_ids, int):
-            token_ids = [token_ids]
+        if isinstance(token_ids, int):  # the engine's case, one token a step: the short way
+            if self.skip_special_tokens and token_ids >= self.tokenizer.eod_id:
+                return ""
+            return self._decoder.decode(self.tokenizer.id_to_bytes(token_ids))
         eod_id = self.tokenizer.eod_id
         data = b"".join(self.tokenizer.id_to_bytes(i) for i in token_ids
                         if not (self.skip_special_tokens and int(i) >= eod_id))

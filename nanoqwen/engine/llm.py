@@ -345,15 +345,15 @@ class LLM:
 
     def _emit(self, seq: Sequence, tok: int) -> RequestOutput:
         """Stop checks and detokenization for a newly sampled token."""
-        reason = None
+        reason, stop = None, seq.params.stop
         if tok in seq.stop_ids:
             reason = "stop"
         else:
             before = len(seq.text)
-            seq.text += seq.detok.push([tok])
-            if seq.params.stop:  # a stop string may end in the new text and start up to its length before it
-                start = max(0, before - max(map(len, seq.params.stop)) + 1)
-                hits = [i for i in (seq.text.find(s, start) for s in seq.params.stop) if i >= 0]
+            seq.text += seq.detok.push(tok)
+            if stop:  # a stop string may end in the new text and start up to its length before it
+                start = max(0, before - max(map(len, stop)) + 1)
+                hits = [i for i in (seq.text.find(s, start) for s in stop) if i >= 0]
                 if hits:
                     seq.text, reason = seq.text[:min(hits)], "stop"
         read = len(seq.token_ids)  # (a token of a step launched since may be pending: not counted here)
@@ -364,7 +364,7 @@ class LLM:
                 seq.text += seq.detok.flush()  # bytes of a character the stop cut short become U+FFFD
             self.scheduler.finish(seq, reason)
             self.requests.pop(seq.request_id, None)
-        hold = 0 if seq.status == FINISHED or not seq.params.stop else max(map(len, seq.params.stop)) - 1
+        hold = 0 if seq.status == FINISHED or not stop else max(map(len, stop)) - 1
         upto = max(seq.emitted_chars, len(seq.text) - hold)
         new_text, seq.emitted_chars = seq.text[seq.emitted_chars:upto], upto
         return RequestOutput(seq, [tok], new_text)

@@ -246,10 +246,13 @@ class DecodeGraphs:
         host = self.host_bufs[self._flip]
         self._flip = (self._flip + 1) % len(self.host_bufs)
         h, bs = host.numpy(), r.block_size
-        for i, (seq, _) in enumerate(batch):
-            pos = seq.num_computed
-            h[0, i], h[1, i], h[3, i], h[4, i], h[5, i] = seq.slot, pos, seq.ntk_index, pos + 1, seq.lora_slot
-            h[2, i] = int(r.tables_host[seq.slot, pos // bs]) * bs + pos % bs
+        seqs = [seq for seq, _ in batch]
+        h[0, :b] = slots = [s.slot for s in seqs]  # whole rows at once: per-row work stays in list comprehensions
+        h[1, :b] = [s.num_computed for s in seqs]
+        h[2, :b] = r.tables_host[slots, h[1, :b] // bs] * bs + h[1, :b] % bs
+        h[3, :b] = [s.ntk_index for s in seqs]
+        h[4, :b] = h[1, :b] + 1
+        h[5, :b] = [s.lora_slot for s in seqs]
         h[:, b:bucket] = ((r.trash,), (0,), (-1,), (0,), (0,), (-1,))  # pads: trash slot, not stored, no context
         if self.meta is not host:
             self.meta[:, :bucket].copy_(host[:, :bucket], non_blocking=True)

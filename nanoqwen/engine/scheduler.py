@@ -107,15 +107,24 @@ class Scheduler:
         """The next batch: (sequence, number of its tokens to compute from `num_computed` on), decodes first."""
         budget, batch, preempted = self.max_num_batched_tokens, [], False
         oversize_ok = True  # whole-prompt chunks: one prompt per step may exceed the budget
-        order = sorted((s for s in self.running if self.wants_more(s)),
-                       key=lambda s: s.num_tokens - s.num_computed > 1)
-        for seq in order:
+        decodes, chunks = [], []
+        for s in self.running:
+            todo = len(s.token_ids) + s.num_pending - s.num_computed
+            if todo == 1:
+                decodes.append(s)
+            elif s.num_pending == 0 or self.wants_more(s):
+                chunks.append(s)
+        if any(s.num_pending for s in decodes):  # a pending token may already end a sequence by length
+            decodes = [s for s in decodes if self.wants_more(s)]
+        bs = self.blocks.block_size
+        for seq in decodes + chunks:
             if seq.status != RUNNING or budget <= 0:
                 continue
             n = self.chunk(seq, budget, oversize_ok)
             if n == 0:
                 continue
-            while not self.blocks.grow(seq.block_table, seq.num_computed + n):
+            while seq.num_computed + n > len(seq.block_table) * bs and \
+                    not self.blocks.grow(seq.block_table, seq.num_computed + n):
                 victim = self.running[-1]  # the most recently admitted, even if already scheduled this step
                 self.preempt(victim)
                 preempted = True
