@@ -174,6 +174,15 @@ def test_cli_reports_bad_data_without_traceback(tmp_path, tiny_ckpt, capsys):
     assert "record 2 (id 'x'): \"conversations\" must be a non-empty list" in err
 
 
+def test_console_command_has_finetune(capsys):
+    from nanoqwen.__main__ import main
+    with pytest.raises(SystemExit) as done:
+        main(["finetune", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: nanoqwen finetune") and "--lora-r" in out and "--gradient-checkpointing" in out
+
+
 # ----------------------------------------------------------------------------------------------- golden step
 
 def golden_model(tiny_ckpt, lora_dir, **kw):

@@ -92,7 +92,11 @@ def main(argv=None, prog="python -m nanoqwen.finetune") -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:  # under torchrun a failed run leaves its process group behind otherwise
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     last = next((r for r in reversed(result.history) if "loss" in r), None)
-    if result.history is not None and last is not None:
+    if last is not None:
         print(f"done: {result.steps} steps, last loss {last['loss']:.4f}; wrote {result.out}", file=sys.stderr)
     return 0

@@ -35,12 +35,12 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------------------------- reading and checking
 
-def load_conversations(path) -> list[dict]:
+def load_conversations(path, what: str = "training data") -> list[dict]:
     """Read and check a Qwen-format JSON file; returns records {"id", "system", "messages": [(role, text), ...]},
     the system message resolved and finetune.py's first-message rule applied."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"training data {path} not found: pass a JSON file holding a list of conversations")
+        raise DataError(f"{what} {path} not found: pass a JSON file holding a list of conversations")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:

@@ -172,8 +172,8 @@ class Trainer:
         raw = Path(args.data).read_bytes() if Path(args.data).is_file() else b""
         self.data_hash = hashlib.sha256(raw).hexdigest()
         self.train_data = SupervisedData.build(load_conversations(args.data), self.tokenizer, args.max_len)
-        self.eval_data = SupervisedData.build(load_conversations(args.eval_data), self.tokenizer, args.max_len) \
-            if args.eval_data else None
+        self.eval_data = SupervisedData.build(load_conversations(args.eval_data, "eval data"), self.tokenizer,
+                                              args.max_len) if args.eval_data else None
         self.save_modules = self._saved_modules()
         self.model = self._build_model()
         self.core = parallel.unwrap(self.model)
