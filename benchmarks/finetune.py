@@ -165,13 +165,12 @@ def main():
 
     hf_note = None
     if args.no_hf or args.bits or args.full:
-        hf_note = "skipped (" + ("--no-hf" if args.no_hf else "GPTQ needs auto-gptq" if args.bits else "LoRA only") + ")"
+        why = "--no-hf" if args.no_hf else "GPTQ needs auto-gptq" if args.bits else "LoRA only"
+        hf_note = f"skipped ({why})"
     else:
-        try:
-            import peft  # noqa: F401
-            import transformers  # noqa: F401
-        except ImportError as e:
-            hf_note = f"skipped ({e.name} not installed)"
+        import importlib.util
+        missing = [m for m in ("peft", "transformers") if importlib.util.find_spec(m) is None]
+        hf_note = f"skipped ({missing[0]} not installed)" if missing else None
     if hf_note is None:
         results.append(run_hf(args, cfg, dtype, device, ids, labels, steps, lr))
 

@@ -71,7 +71,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv: LayerCache, meta: AttentionMe
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
     """A backward will run through an op on these tensors. The Triton kernels have no backward, so such ops (training)
-    take the torch references, which autograd differentiates; inference (no grad) keeps the kernels and their numerics."""
+    take the torch references, which autograd differentiates; inference (no grad) keeps the kernels and numerics."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

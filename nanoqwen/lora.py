@@ -611,7 +611,7 @@ def _trained_layers(model: nn.Module):
 
 
 def trainable_lora_adapter(model: nn.Module) -> LoraAdapter:
-    """The model's trained LoRA weights as a `LoraAdapter` (fp32 copies on the CPU): for save_adapter or merge_adapter."""
+    """The model's trained LoRA weights as a `LoraAdapter` (fp32 CPU copies): for save_adapter or merge_adapter."""
     weights, scaling = {}, {}
     for official, lin, name in _trained_layers(model):
         weights[official] = (lin.lora_A[name].detach().float().cpu().clone(),

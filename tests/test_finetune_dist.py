@@ -4,9 +4,9 @@ global batch (LoRA through DDP, full fine-tuning through FSDP2), and a sharded r
 Runs the real command line (`torchrun --nproc-per-node 2 -m nanoqwen.finetune ...`) in subprocesses, one thread
 each. The two runs see the same rows in every step; only the order of float sums differs (gloo's all-reduce against
 one process's batch sums; float32), so the losses and gradient norms agree to float32 rounding of the per-token
-terms, compounded over a few steps: held to 1e-5 relative, the golden README's gradient noise (measured: 1e-7). The final weights agree to the
-AdamW step's own float noise, lr * 2 per element whose gradient is within noise of 0 (README), i.e. a few ulps for
-the rest: compared by the logits they give, to test_lora.py's 1e-4.
+terms, compounded over a few steps: held to 1e-5 relative, the golden README's gradient noise (measured: 1e-7).
+The final weights agree to the AdamW step's own float noise (up to 2 * lr for an element whose gradient is within
+noise of 0, the README says; a few ulps elsewhere): compared by the logits they give, to test_lora.py's 1e-4.
 """
 import json
 import os

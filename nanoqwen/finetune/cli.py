@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..lora import DEFAULT_TARGETS
 from .trainer import FinetuneArgs
 
 EXAMPLES = """examples:

@@ -133,7 +133,8 @@ def encode_conversation(tokenizer: Tokenizer, messages, system: str = SYSTEM_MES
 
 def pad_to(ids: list[int], labels: list[int], max_len: int) -> tuple[list[int], list[int]]:
     """finetune.py's padding: <|endoftext|> ids and -100 labels up to max_len, then both cut at max_len."""
-    return (ids + [EOD_ID] * (max_len - len(ids)))[:max_len], (labels + [IGNORE_INDEX] * (max_len - len(labels)))[:max_len]
+    ids = (ids + [EOD_ID] * (max_len - len(ids)))[:max_len]
+    return ids, (labels + [IGNORE_INDEX] * (max_len - len(labels)))[:max_len]
 
 
 def preprocess(conversations, tokenizer: Tokenizer, max_len: int, system_message: str = SYSTEM_MESSAGE) -> dict:

@@ -142,7 +142,7 @@ def split_rows(rows: torch.Tensor, rank: int, world_size: int, batch_size: int) 
     (FSDP gathers weights in every forward, DDP reduces in the last backward); one short of rows at the end of an
     epoch runs a real row with weight 0."""
     mine = rows[rank::world_size]
-    n = -(-(-(-len(rows) // world_size)) // batch_size)
+    n = math.ceil(math.ceil(len(rows) / world_size) / batch_size)
     chunks = [mine[i * batch_size:(i + 1) * batch_size] for i in range(n)]
     return [(c, 1.0) if len(c) else (rows[:1], 0.0) for c in chunks]
 
@@ -191,8 +191,14 @@ class Trainer:
 
     # -- setup
     def _resolve(self, ckpt: str) -> Path:
+        """A folder as it is; a name or repo id downloaded and converted once into the cache, by the main process
+        first (the others then find it there instead of converting it at the same time)."""
         path = Path(ckpt).expanduser()
-        return path if path.is_dir() else resolve_checkpoint(ckpt, progress=self.world.main)
+        if path.is_dir():
+            return path
+        folder = resolve_checkpoint(ckpt, progress=True) if self.world.main else None
+        parallel.barrier(self.world)
+        return folder or resolve_checkpoint(ckpt, progress=False)
 
     def _check_args(self) -> None:
         a = self.args
