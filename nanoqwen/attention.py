@@ -69,6 +69,12 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv: LayerCache, meta: AttentionMe
         store_kv_ref(k, v, kv.k, kv.v, meta.slot_mapping)
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """A backward will run through an op on these tensors. The Triton kernels have no backward, so such ops (training)
+    take the torch references, which autograd differentiates; inference (no grad) keeps the kernels and numerics."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, kv: LayerCache | None,
               logn: torch.Tensor | None = None, rope: StepRope | None = None) -> torch.Tensor:
     """q, k, v [T, heads, head_dim] -> [T, heads, head_dim]. q and k come rotated, with `logn` [T] the LogN factor
@@ -76,7 +82,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Attention
     position and NTK row in `meta`, inside the kernels (module docstring). With a cache, k and v are stored first
     (keys rotated) and every key is then read from the cache (the new ones too)."""
     scale = q.shape[-1] ** -0.5
-    triton = use_triton(q.device)
+    triton = use_triton(q.device) and not needs_grad(q, k, v)  # training: the differentiable torch reference
     if rope is not None and not triton:  # the torch path rotates with tables
         cos, sin = rotary_tables(meta.positions, meta.ntk_index, rope.inv_freq)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

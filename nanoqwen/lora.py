@@ -1,5 +1,5 @@
-"""PEFT LoRA adapters for Qwen (v1): read what Qwen's finetune.py saves, merge one into the weights, or serve many at
-once in one batch.
+"""PEFT LoRA adapters for Qwen (v1): read what Qwen's finetune.py saves, merge one into the weights, serve many at
+once in one batch, or train one (nanoqwen.finetune) and save it as peft does.
 
 An adapter folder, as peft's `save_pretrained` writes it: `adapter_config.json` (r, lora_alpha, target_modules,
 modules_to_save, ...) and `adapter_model.safetensors` with, for every adapted linear,
@@ -12,6 +12,8 @@ Two ways to use one:
   replaced by the adapter's copies; no cost per token. Impossible on GPTQ weights (refused).
 - unmerged (`LoraManager`): every adapted linear becomes a `LoRALinear` adding, per token row, the product of that
   row's adapter (or none), through the kernels of nanoqwen/kernels/lora.py. Fp and GPTQ bases alike.
+- trained (`add_trainable_lora`): every adapted linear becomes a `TrainableLoRALinear` with fp32 A and B parameters
+  and peft's dropout; `remove_trainable_lora` gives the result back as a `LoraAdapter` for `save_adapter`.
 nanoqwen fuses mlp.w2 and mlp.w1 into mlp.w2_w1 (w2's rows first): their LoRAs become two slices of that linear.
 c_attn's LoRA is one A shared by q, k and v with a [3 * hidden, r] B, as peft adapts the fused c_attn.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -40,6 +43,7 @@ LINEARS = {"attn.c_attn": ("attn.c_attn", 0), "attn.c_proj": ("attn.c_proj", 0),
            "mlp.w1": ("mlp.w2_w1", 1), "mlp.c_proj": ("mlp.c_proj", 0)}
 SLICES = {"attn.c_attn": 1, "attn.c_proj": 1, "mlp.w2_w1": 2, "mlp.c_proj": 1}  # nanoqwen linears and their slices
 SAVED_MODULES = {"transformer.wte": "transformer.wte.weight", "lm_head": "lm_head.weight"}  # modules_to_save we read
+DEFAULT_TARGETS = ("c_attn", "c_proj", "w1", "w2")  # finetune.py's lora_target_modules
 LORA_KEY = re.compile(r"transformer\.h\.(\d+)\.(" + "|".join(re.escape(m) for m in LINEARS) + r")\.lora_([AB])\.weight")
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 TO_SAFETENSORS = ("python -c \"import torch; from safetensors.torch import save_file; "
@@ -210,18 +214,22 @@ def _targeted(config: dict, cfg: QwenConfig, folder: Path) -> list[str]:
             raise AdapterError(f"{folder / CONFIG_FILE}: target_modules {targets!r} matches no linear of Qwen (v1) "
                                "(c_attn, c_proj, w1, w2): the adapter was made for another architecture")
     elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
-        matches = lambda n, t: n == t or n.endswith("." + t)  # noqa: E731  (peft's rule)
-        unknown = [t for t in targets if not any(matches(n, t) for n in names)]
+        unknown = [t for t in targets if not any(_peft_match(n, t) for n in names)]
         if unknown:
             raise AdapterError(f"{folder / CONFIG_FILE}: unknown target_modules {', '.join(map(repr, unknown))}: "
                                "Qwen (v1) has the linears c_attn, c_proj (attention and MLP), w1 and w2 (LoRA on "
                                "wte or lm_head is not supported); the adapter was made for another architecture "
                                "(q_proj, v_proj, ... are Llama and Qwen1.5/2 names)")
-        hit = [n for n in names if any(matches(n, t) for t in targets)]
+        hit = [n for n in names if any(_peft_match(n, t) for t in targets)]
     else:
         raise AdapterError(f"{folder / CONFIG_FILE}: target_modules must be a list of module names or a regular "
                            f"expression, got {targets!r}")
     return [n for n in hit if int(n.split(".")[2]) in layers]
+
+
+def _peft_match(name: str, target: str) -> bool:
+    """peft's rule for a target_modules list entry: the module's full name, or a dotted suffix of it."""
+    return name == target or name.endswith("." + target)
 
 
 def _saved_modules(config: dict, folder: Path) -> list[str]:
@@ -256,10 +264,13 @@ def save_adapter(folder, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], 
     folder.mkdir(parents=True, exist_ok=True)
     saved = modules_to_save or {}
     targets = sorted({n.rsplit(".", 1)[1] for n in weights})
-    doc = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": lora_alpha, "lora_dropout": 0.0,
-           "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "target_modules": targets,
-           "modules_to_save": [n.split(".")[-2] for n in saved] or None, "rank_pattern": {}, "alpha_pattern": {},
-           **config}
+    doc = {"alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": None, "bias": "none",
+           "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "layers_pattern": None,
+           "layers_to_transform": None, "loftq_config": {}, "lora_alpha": lora_alpha, "lora_dropout": 0.0,
+           "megatron_config": None, "megatron_core": "megatron.core",
+           "modules_to_save": [n.split(".")[-2] for n in saved] or None, "peft_type": "LORA", "r": r,
+           "rank_pattern": {}, "revision": None, "target_modules": targets, "task_type": "CAUSAL_LM",
+           **config}  # every field peft 0.7.1 writes (the golden adapter's), so peft reads it as its own
     tensors = {f"{PREFIX}{n}.lora_{p}.weight": t.contiguous() for n, ab in weights.items() for p, t in zip("AB", ab)}
     tensors.update({PREFIX + n: t.contiguous() for n, t in saved.items()})
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -498,3 +509,144 @@ class LoraManager:
                 parent, attr = path.split(".")
                 setattr(getattr(block, parent), attr, lin.base)
         self.linears, self._names = [], [None] * self.max_loras
+
+
+# ----------------------------------------------------------------------------------------------- trained
+
+class TrainableLoRALinear(nn.Module):
+    """A frozen linear (`base`: nn.Linear or GPTQLinear) plus trainable LoRA weights: fine-tuning.
+
+    peft's semantics per adapted official linear, carried onto nanoqwen's fused ones: output slice j (of
+    `len(names)` equal slices) adds scaling * B_j(A_j(dropout(x))), each slice with its own A, B and its own dropout
+    draw, since peft's mlp.w2 and mlp.w1 are two modules (the slices of mlp.w2_w1); a slice whose linear is not a
+    target adds nothing. c_attn is one slice: peft adapts the fused q|k|v with one A.
+    A [r, in] and B [out / slices, r] are fp32 parameters (the optimizer's master weights), keyed by the official
+    linear's last name ("c_attn", "w2", ...); under autocast the low-rank product runs in the autocast dtype,
+    otherwise in fp32 (peft casts x to the LoRA dtype) and is added in the base output's dtype.
+    """
+
+    def __init__(self, base: nn.Module, names: list[str | None], r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.base, self.names, self.scaling = base, list(names), lora_alpha / r
+        device = next(iter(base.parameters()), None)
+        device = (device if device is not None else next(base.buffers())).device
+        width = base.out_features // len(names)
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        for name in filter(None, names):
+            A = torch.empty(r, base.in_features, dtype=torch.float32)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # peft's init: B = 0, so no change yet
+            self.lora_A[name] = nn.Parameter(A.to(device))
+            self.lora_B[name] = nn.Parameter(torch.zeros(width, r, dtype=torch.float32, device=device))
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        parts = y.split(self.out_features // len(self.names), dim=-1)
+        out = []
+        for part, name in zip(parts, self.names):
+            if name is not None:
+                A, B = self.lora_A[name], self.lora_B[name]
+                h = self.lora_dropout(x)
+                h = F.linear(F.linear(h if autocast else h.to(A.dtype), A), B) * self.scaling
+                part = part + h.to(part.dtype)
+            out.append(part)
+        return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"adapted={[n for n in self.names if n]}, scaling={self.scaling}"
+
+
+def add_trainable_lora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                       target_modules=DEFAULT_TARGETS, generator: torch.Generator | None = None) -> list[str]:
+    """Wrap every linear that `target_modules` selects (peft's list rule: a name or dotted suffix, e.g. "c_proj"
+    selects attn.c_proj and mlp.c_proj) in a `TrainableLoRALinear` with peft's init; returns the adapted official
+    linear names. Freezes nothing: the caller decides what trains."""
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    cfg = model.config
+    names = [f"transformer.h.{i}.{m}" for i in range(cfg.num_hidden_layers) for m in LINEARS]
+    unknown = [t for t in targets if not any(_peft_match(n, t) for n in names)]
+    if unknown or not targets:
+        raise ValueError(f"unknown LoRA target module(s) {', '.join(map(repr, unknown)) or '(none given)'}: Qwen (v1) "
+                         "has the linears c_attn, c_proj (attention and MLP), w1 and w2, or a full name such as "
+                         "transformer.h.0.mlp.w1")
+    adapted = []
+    for i, block in enumerate(model.transformer.h):
+        for path in SLICES:
+            official = [m for m, (fused, _) in LINEARS.items() if fused == path]  # in slice order
+            chosen = [m.split(".")[1] if any(_peft_match(f"transformer.h.{i}.{m}", t) for t in targets) else None
+                      for m in sorted(official, key=lambda m: LINEARS[m][1])]
+            if not any(chosen):
+                continue
+            parent, attr = path.split(".")
+            owner = getattr(block, parent)
+            setattr(owner, attr, TrainableLoRALinear(getattr(owner, attr), chosen, r, lora_alpha, lora_dropout,
+                                                     generator))
+            adapted += [f"transformer.h.{i}.{parent}.{n}" for n in chosen if n]
+    return adapted
+
+
+def _trained_layers(model: nn.Module):
+    """(official linear name, TrainableLoRALinear, its slice name) for every adapted slice, layer by layer."""
+    for i, block in enumerate(model.transformer.h):
+        for path in SLICES:
+            parent, attr = path.split(".")
+            lin = getattr(getattr(block, parent), attr)
+            if isinstance(lin, TrainableLoRALinear):
+                for name in filter(None, lin.names):
+                    yield f"transformer.h.{i}.{parent}.{name}", lin, name
+
+
+def trainable_lora_adapter(model: nn.Module) -> LoraAdapter:
+    """The model's trained LoRA weights as a `LoraAdapter` (fp32 CPU copies): for save_adapter or merge_adapter."""
+    weights, scaling = {}, {}
+    for official, lin, name in _trained_layers(model):
+        weights[official] = (lin.lora_A[name].detach().float().cpu().clone(),
+                             lin.lora_B[name].detach().float().cpu().clone())
+        scaling[official] = lin.scaling
+    return LoraAdapter(weights, scaling)
+
+
+@torch.no_grad()
+def set_trainable_lora(model: nn.Module, adapter: LoraAdapter) -> None:
+    """Copy an adapter's A and B into the model's TrainableLoRALinear layers (same targets, ranks and scaling)."""
+    layers = {official: (lin, name) for official, lin, name in _trained_layers(model)}
+    if set(layers) != set(adapter.weights):
+        diff = sorted(set(layers) ^ set(adapter.weights), key=_natural)
+        raise AdapterError(f"the adapter and the model's trainable LoRA layers adapt different linears (e.g. "
+                           f"{', '.join(diff[:3])}): train with the adapter's target_modules")
+    for official, (A, B) in adapter.weights.items():
+        lin, name = layers[official]
+        if lin.lora_A[name].shape != A.shape or lin.lora_B[name].shape != B.shape or \
+                not math.isclose(lin.scaling, adapter.scaling[official]):
+            raise AdapterError(f"{official}: the adapter has A {list(A.shape)}, B {list(B.shape)}, scaling "
+                               f"{adapter.scaling[official]}; the model's LoRA layer A "
+                               f"{list(lin.lora_A[name].shape)}, B {list(lin.lora_B[name].shape)}, scaling "
+                               f"{lin.scaling}: use the adapter's r and lora_alpha")
+        lin.lora_A[name].copy_(A)
+        lin.lora_B[name].copy_(B)
+
+
+def remove_trainable_lora(model: nn.Module) -> LoraAdapter:
+    """Put the model's original linears back; returns the trained LoRA weights (trainable_lora_adapter)."""
+    adapter = trainable_lora_adapter(model)
+    for block in model.transformer.h:
+        for path in SLICES:
+            parent, attr = path.split(".")
+            lin = getattr(getattr(block, parent), attr)
+            if isinstance(lin, TrainableLoRALinear):
+                setattr(getattr(block, parent), attr, lin.base)
+    return adapter

@@ -4,6 +4,10 @@ Module names mirror the official checkpoint (`transformer.h.{i}.attn.c_attn`, ..
 projections are stored fused as `mlp.w2_w1` (rows of w2, the SiLU-gated branch, then rows of w1): one matmul.
 The residual stream is carried beside each block's output and added inside the next norm (as vLLM does), so that on
 the Triton path every add is fused into an RMSNorm launch; the sums are the same as x = x + f(x).
+
+Training (nanoqwen.finetune): an op whose output needs a gradient runs its torch reference (the Triton kernels have no
+backward; `needs_grad`), `gradient_checkpointing` recomputes each block in the backward, and in `model.train()` mode
+LogN is off and the [B, S] forward uses no dynamic NTK, as in the reference's training mode (QWEN_V1_SPEC.md 4.1, 4.2).
 """
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .attention import AttentionMetadata, attention
+from .attention import AttentionMetadata, attention, needs_grad
 from .config import QwenConfig
 from .kernels import use_triton
 from .kernels.activation import silu_mul, silu_mul_ref
@@ -29,7 +34,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """RMSNorm(x) as the reference (normalise in fp32, cast to the activation dtype, then scale by the weight);
         with `residual`, of s = x + residual, returning (normed, s) in one pass."""
-        norm = rms_norm if use_triton(x.device) else rms_norm_ref
+        norm = rms_norm if use_triton(x.device) and not needs_grad(x, self.weight, residual) else rms_norm_ref
         out, total = norm(x, self.weight, self.eps, residual)
         return out if residual is None else (out, total)
 
@@ -59,8 +64,9 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(cfg.mlp_width, cfg.hidden_size, bias=not cfg.no_bias)
 
     def forward(self, x):
-        act = silu_mul if use_triton(x.device) else silu_mul_ref  # reference: w1(x) * silu(w2(x))
-        return self.c_proj(act(self.w2_w1(x)))
+        gate_up = self.w2_w1(x)
+        act = silu_mul if use_triton(x.device) and not needs_grad(gate_up) else silu_mul_ref  # w1(x) * silu(w2(x))
+        return self.c_proj(act(gate_up))
 
 
 class Block(nn.Module):
@@ -93,6 +99,7 @@ class Qwen(nn.Module):
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_emb_base)
+        self.gradient_checkpointing = False  # training: keep only each block's inputs, recompute the rest in backward
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, lora=None, **kwargs) -> "Qwen":
@@ -126,7 +133,8 @@ class Qwen(nn.Module):
         """Two ways in.
 
         - `model(input_ids)` with input_ids [B, S]: a full causal forward without cache, logits [B, S, vocab].
-          Each row is its own sequence at positions 0..S-1 (NTK alpha from S, as the reference's prefill).
+          Each row is its own sequence at positions 0..S-1 (NTK alpha from S, as the reference's prefill; none in
+          train mode, as the reference's training forward).
         - `model(tokens, meta, kv_cache)` with tokens [T] (the new tokens of a batch, concatenated): K/V go into the
           paged cache, logits for `meta.logits_indices` (all rows if None), [N, vocab].
         """
@@ -136,16 +144,20 @@ class Qwen(nn.Module):
             B, S = input_ids.shape
             if S == 0:
                 raise ValueError("input_ids is empty: give at least one token per row")
-            idx = ntk_index(S, self.config.seq_length, self.config.use_dynamic_ntk)
+            idx = ntk_index(S, self.config.seq_length, self.config.use_dynamic_ntk and not self.training)
             meta = AttentionMetadata.for_prefill([S] * B, input_ids.device, [idx] * B)
             return self.forward(input_ids.reshape(-1), meta).view(B, S, -1)
         self._check_ids(input_ids)
         x, residual = self.transformer.wte(input_ids), None
         rope = self.rotary.step(meta.positions, meta.ntk_index,
-                                self.config.seq_length if self.config.use_logn_attn else 0,
+                                self.config.seq_length if self.config.use_logn_attn and not self.training else 0,
                                 tables=not use_triton(x.device))  # the kernels compute angles and LogN themselves
         for i, block in enumerate(self.transformer.h):
-            x, residual = block(x, residual, rope, meta, kv_cache.layer(i) if kv_cache is not None else None)
+            kv = kv_cache.layer(i) if kv_cache is not None else None
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, residual = checkpoint(block, x, residual, rope, meta, kv, use_reentrant=False)
+            else:
+                x, residual = block(x, residual, rope, meta, kv)
         if meta.logits_indices is not None:
             x, residual = x[meta.logits_indices], residual[meta.logits_indices]
         return self.lm_head(self.transformer.ln_f(x, residual)[0])

@@ -171,6 +171,8 @@ class GPTQLinear(nn.Module):
     int32 tensors arriving as floats are refused. `.to(dtype)` casts only the float buffers (PyTorch leaves
     integer buffers alone); keep scales fp16 for parity with the reference.
     forward: Triton kernels on CUDA (or with NANOQWEN_KERNELS=triton), else dequantize-then-matmul in torch.
+    When the input needs a gradient (Q-LoRA: LoRA trained on a frozen GPTQ base), the same forward runs inside
+    `DequantMatmul`, whose backward gives dx = dy @ W through the dequantized weight.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = True,
@@ -270,6 +272,12 @@ class GPTQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"GPTQLinear expects inputs [..., {self.in_features}], got {list(x.shape)}")
+        if torch.is_grad_enabled() and x.requires_grad:
+            return DequantMatmul.apply(x, self)
+        return self.matmul(x)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x @ W.T + bias, no autograd: the kernel or the torch reference."""
         if use_triton(x.device) and kernel_supports(self.group_size):
             from ..kernels.gptq_matmul import gptq_matmul
             return gptq_matmul(x, self.qweight_planar, self.scales, self.zeros, self.bits, self.group_size,
@@ -308,6 +316,24 @@ class GPTQLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}, act_order={self.perm is not None}")
+
+
+class DequantMatmul(torch.autograd.Function):
+    """y = GPTQLinear(x), differentiable in x (the weights are frozen buffers).
+
+    The forward is the inference one (kernel or reference) and keeps nothing but the module; the backward dequantizes
+    W again, in dy's dtype, for dx = dy @ W. A plain F.linear on the dequantized W would keep that fp16/bf16 copy of
+    every layer alive until the backward: as much memory as the unquantized model, which Q-LoRA exists to avoid."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: "GPTQLinear") -> torch.Tensor:
+        ctx.module, ctx.x_dtype = module, x.dtype
+        return module.matmul(x)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        w = ctx.module.dequantize().to(dy.dtype)
+        return (dy @ w).to(ctx.x_dtype), None
 
 
 # ----------------------------------------------------------------------------------------------- model surgery
