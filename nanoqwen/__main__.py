@@ -3,6 +3,7 @@
     nanoqwen generate --ckpt qwen-7b-chat          chat with a chat model, or complete text with a base model
     nanoqwen serve --ckpt qwen-7b-chat             an OpenAI-compatible server with a web chat page
     nanoqwen convert SRC DST                        convert an official checkpoint ahead of time
+    nanoqwen perplexity --ckpt qwen-7b FILE...      perplexity per window length, with and without NTK / LogN
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ COMMANDS = {
     "generate": ("nanoqwen.generate", "chat with a chat model, or complete text with a base model (streaming)"),
     "serve": ("nanoqwen.serve.__main__", "an OpenAI-compatible server and a web chat page (the serve extra)"),
     "convert": ("convert_checkpoint", "convert an official Qwen checkpoint folder into nanoqwen's layout"),
+    "perplexity": ("nanoqwen.perplexity", "long-context perplexity of documents per window length (Qwen's README)"),
 }
 
 
