@@ -9,11 +9,15 @@ ATOL = 2e-4.
 """
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import ROOT
 from nanoqwen import LLM, Qwen, SamplingParams
 from nanoqwen import model as model_module
 
@@ -330,3 +334,16 @@ def test_perplexity_command_errors(tiny_ckpt, tmp_path, capsys):
     for args in (["--lengths", "1"], ["--lengths", "a,b"], ["--compare", "--no-logn"]):
         with pytest.raises(SystemExit):
             main(["--ckpt", str(tiny_ckpt), *args, str(bad)])
+
+
+def test_scoring_benchmark_runs(golden, tmp_path):
+    """benchmarks/scoring.py --tiny: its rows timed and its engine-vs-plain-forward check passed (speed not asserted)."""
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scoring.py"), "--tiny", "--rounds", "1"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "scoring.json").read_text())
+    assert res["ok"] and res["max_abs_diff"] <= res["tolerance"] == 2e-4
+    assert [row["row"] for row in res["rows"]] == ["engine prefill only", "engine score", "engine prompt_logprobs=5",
+                                                   "plain forward"]
+    assert all(row["tok_s"] > 0 for row in res["rows"])
