@@ -13,6 +13,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -321,6 +322,29 @@ def test_perplexity_command(tiny_ckpt, switched_models, golden_logprobs, tmp_pat
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     except ImportError:
         assert not png.exists()
+
+
+GPL = Path("/usr/share/common-licenses/GPL-3")
+
+
+@pytest.mark.skipif(not GPL.is_file(), reason="no /usr/share/common-licenses/GPL-3 (a text Debian ships) here")
+def test_perplexity_of_a_real_document(tiny_ckpt, tmp_path):
+    """A text that ships with the system, read by the command as plain text: its windows of 64 tokens (beyond
+    seq_length: NTK alpha 3 and LogN) give the perplexity that the engine's scores of the same windows give, through
+    chunked prefill and the paged cache: two paths, one number."""
+    from nanoqwen.perplexity import main, windows
+    text = GPL.read_text(encoding="utf-8")[:2400]
+    doc, out = tmp_path / "gpl.txt", tmp_path / "ppl.json"
+    doc.write_text(text, encoding="utf-8")
+    assert main(["--ckpt", str(tiny_ckpt), "--lengths", "64", "--json", str(out), "--device", "cpu", "--no-plot",
+                 "--no-progress", str(doc)]) == 0
+    result = json.loads(out.read_text())["results"]["ntk+logn"]["64"]
+    llm = make(tiny_ckpt, max_num_batched_tokens=24)
+    ids = llm.tokenizer.encode(text, allowed_special=set())
+    scores = llm.score(windows(ids, 64))
+    tokens = sum(len(s.token_logprobs) for s in scores)
+    assert result["tokens"] == tokens == (len(ids) // 64) * 63 > 300
+    assert result["nll"] == pytest.approx(-sum(s.logprob for s in scores), abs=ATOL * tokens)
 
 
 def test_perplexity_command_errors(tiny_ckpt, tmp_path, capsys):

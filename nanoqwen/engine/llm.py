@@ -251,6 +251,9 @@ class LLM:
             self.lora.set_token_indices(torch.full((n,), -1, dtype=torch.int32))
         with torch.no_grad():  # profile the largest prefill the scheduler can build (logits of its last row only)
             self.model(torch.zeros(n, dtype=torch.long, device=self.device), meta)
+            # and the prompt logprobs of a scoring step: n final hidden states, the head a slice of rows at a time
+            self.model.token_logprobs(torch.zeros(n, cfg.hidden_size, dtype=self.dtype, device=self.device),
+                                      torch.zeros(n, dtype=torch.long, device=self.device), top_k=20)
         torch.cuda.synchronize(self.device)
         activations = torch.cuda.max_memory_allocated(self.device) - before
         free, total = torch.cuda.mem_get_info(self.device)
