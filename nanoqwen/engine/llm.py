@@ -88,7 +88,8 @@ class RequestOutput:
     def prompt_logprobs(self) -> list[dict | None] | None:
         """When the request asked (SamplingParams.prompt_logprobs=k), vLLM's: one entry per prompt token, None for
         the first, then {token_id: logprob} holding the prompt token (first) and the k most likely tokens at that
-        position, fp32 log-softmax of the model's logits. Complete in every output of the request."""
+        position, fp32 log-softmax of the model's logits. Complete in every output of the request (an abort's may
+        come before the prompt was)."""
         return self._seq.prompt_logprobs
 
     def __repr__(self) -> str:
