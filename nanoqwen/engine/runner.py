@@ -154,7 +154,7 @@ class ModelRunner:
             plp = (plp[0], *(t.tolist() for t in plp[1:]))
         return ids, lp, plp
 
-    def _forward_eager(self, batch, num_sampled: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
+    def _forward_eager(self, batch, num_sampled: int) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         """Any batch, exact shapes: per-token metadata built on the host with numpy, two uploads. Returns the
         logits of the sampled rows, their slots (on the device) and the prompt logprobs this step computed (see
         LaunchedStep.prompt_logprobs)."""
