@@ -4,6 +4,7 @@
     nanoqwen serve --ckpt qwen-7b-chat             an OpenAI-compatible server with a web chat page
     nanoqwen convert SRC DST                        convert an official checkpoint ahead of time
     nanoqwen finetune --ckpt qwen-7b-chat --data train.json --out DIR    LoRA, Q-LoRA or full fine-tuning
+    nanoqwen perplexity --ckpt qwen-7b FILE...      perplexity per window length, with and without NTK / LogN
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ COMMANDS = {
     "serve": ("nanoqwen.serve.__main__", "an OpenAI-compatible server and a web chat page (the serve extra)"),
     "convert": ("convert_checkpoint", "convert an official Qwen checkpoint folder into nanoqwen's layout"),
     "finetune": ("nanoqwen.finetune", "LoRA, Q-LoRA or full fine-tuning on Qwen-format conversations (torchrun too)"),
+    "perplexity": ("nanoqwen.perplexity", "long-context perplexity of documents per window length (Qwen's README)"),
 }
 
 

@@ -391,9 +391,13 @@ def iter_converted(folder: Path, cfg: QwenConfig, dtype: torch.dtype, device="cp
 
 # ----------------------------------------------------------------------------------------------- loading
 
-def load_model(path, device=None, dtype=None, lora=None):
+def load_model(path, device=None, dtype=None, lora=None, use_dynamic_ntk: bool | None = None,
+               use_logn_attn: bool | None = None):
     """A `Qwen` from a converted nanoqwen folder or an official folder (converted in memory, never written).
-    `lora`: a PEFT LoRA adapter folder merged into the weights (see nanoqwen.lora; refused for GPTQ checkpoints)."""
+    `lora`: a PEFT LoRA adapter folder merged into the weights (see nanoqwen.lora; refused for GPTQ checkpoints).
+    `use_dynamic_ntk` / `use_logn_attn`: override config.json's long-context switches for this model (None: keep
+    them). Every path reads them from `model.config`: the model's forward (LogN, the NTK row of `model(input_ids)`),
+    the Triton kernels (through the step's metadata) and the engine's scheduler (a sequence's NTK row)."""
     from .model import Qwen
 
     folder = Path(path)
@@ -402,6 +406,11 @@ def load_model(path, device=None, dtype=None, lora=None):
                               "convert_checkpoint.py)")
     device = resolve_device(device)
     cfg = QwenConfig.from_json(folder)
+    for name, value in (("use_dynamic_ntk", use_dynamic_ntk), ("use_logn_attn", use_logn_attn)):
+        if value is not None:
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True, False or None (keep config.json's), got {value!r}")
+            setattr(cfg, name, value)
     g = gptq_config(cfg)
     dtype = parse_dtype(dtype) or default_dtype(device, quantized=g is not None)
     if lora is not None:  # checked before the weights load

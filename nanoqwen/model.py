@@ -24,6 +24,8 @@ from .kernels.activation import silu_mul, silu_mul_ref
 from .kernels.rms_norm import rms_norm, rms_norm_ref
 from .rope import RotaryEmbedding, StepRope, apply_rotary, ntk_index
 
+LOGPROB_SLICE_ELEMENTS = 1 << 25  # logits computed at once by token_logprobs: 128 MiB in fp32
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -138,6 +140,12 @@ class Qwen(nn.Module):
         - `model(tokens, meta, kv_cache)` with tokens [T] (the new tokens of a batch, concatenated): K/V go into the
           paged cache, logits for `meta.logits_indices` (all rows if None), [N, vocab].
         """
+        return self.logits(self.hidden_states(input_ids, meta, kv_cache))
+
+    def hidden_states(self, input_ids: torch.Tensor, meta: AttentionMetadata | None = None,
+                      kv_cache=None) -> torch.Tensor:
+        """`forward` without the head: the final (ln_f) hidden states, [B, S, hidden] or [N, hidden]. Scoring takes
+        this way in, so that the head's [rows, vocab] logits can be made a slice of rows at a time (`token_logprobs`)."""
         if meta is None:
             if input_ids.dim() != 2:
                 raise ValueError(f"model(input_ids) takes input_ids of shape [batch, seq], got {tuple(input_ids.shape)}")
@@ -146,7 +154,7 @@ class Qwen(nn.Module):
                 raise ValueError("input_ids is empty: give at least one token per row")
             idx = ntk_index(S, self.config.seq_length, self.config.use_dynamic_ntk and not self.training)
             meta = AttentionMetadata.for_prefill([S] * B, input_ids.device, [idx] * B)
-            return self.forward(input_ids.reshape(-1), meta).view(B, S, -1)
+            return self.hidden_states(input_ids.reshape(-1), meta).view(B, S, -1)
         self._check_ids(input_ids)
         x, residual = self.transformer.wte(input_ids), None
         rope = self.rotary.step(meta.positions, meta.ntk_index,
@@ -160,7 +168,30 @@ class Qwen(nn.Module):
                 x, residual = block(x, residual, rope, meta, kv)
         if meta.logits_indices is not None:
             x, residual = x[meta.logits_indices], residual[meta.logits_indices]
-        return self.lm_head(self.transformer.ln_f(x, residual)[0])
+        return self.transformer.ln_f(x, residual)[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head: final hidden states [..., hidden] -> logits [..., vocab] (in the model's dtype)."""
+        return self.lm_head(hidden)
+
+    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor,
+                       top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probabilities (fp32 log-softmax of the logits) for rows of final hidden states `hidden` [N, hidden]:
+        (logprob of `targets` [N] in each row [N], the `top_k` best logprobs [N, k] and their ids [N, k]).
+
+        The logits are made LOGPROB_SLICE_ELEMENTS at a time (a few hundred rows of Qwen's 151,936-token vocabulary),
+        never [N, vocab] at once: a 16k-token prompt's would be 10 GB in fp32."""
+        n, dev = hidden.shape[0], hidden.device
+        rows = max(1, LOGPROB_SLICE_ELEMENTS // self.config.vocab_size)
+        chosen = torch.empty(n, dtype=torch.float32, device=dev)
+        top_values = torch.empty(n, top_k, dtype=torch.float32, device=dev)
+        top_ids = torch.empty(n, top_k, dtype=torch.long, device=dev)
+        for a in range(0, n, rows):
+            lp = torch.log_softmax(self.logits(hidden[a:a + rows]).float(), dim=-1)
+            chosen[a:a + rows] = lp.gather(1, targets[a:a + rows, None]).squeeze(1)
+            if top_k:
+                torch.topk(lp, top_k, dim=-1, out=(top_values[a:a + rows], top_ids[a:a + rows]))
+        return chosen, top_values, top_ids
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.dtype not in (torch.int64, torch.int32):

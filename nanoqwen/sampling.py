@@ -39,7 +39,10 @@ class SamplingParams:
     penalty. `stop` strings and `stop_token_ids` end the output (the engine checks them, the sampler
     does not). `seed` makes sampling reproducible; None lets the engine draw one (see `random_seed`).
     `logprobs=k` asks for the k most likely tokens' log-probabilities at each step (0: only the chosen
-    token's). `ignore_eos` keeps generating past `<|endoftext|>` until `max_new_tokens` (benchmarks).
+    token's). `prompt_logprobs=k` (vLLM's): for every prompt token after the first, its logprob given the tokens
+    before it and the k most likely tokens' there (RequestOutput.prompt_logprobs; 0: the prompt token's only); it
+    costs the head's logits for every prompt row, and the prompt is recomputed rather than read from the prefix
+    cache. `ignore_eos` keeps generating past `<|endoftext|>` until `max_new_tokens` (benchmarks).
     `lora` names an adapter added with `LLM.add_lora` (an engine built with `enable_lora=True`); None: the base model.
     """
 
@@ -54,6 +57,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] | None = None
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     ignore_eos: bool = False
     lora: str | None = None
 
@@ -84,6 +88,11 @@ class SamplingParams:
             if self.logprobs < 0:
                 raise ValueError(f"SamplingParams: logprobs must be None or an int >= 0 (0 returns only the "
                                  f"chosen token's logprob), got {self.logprobs}")
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = _integer("prompt_logprobs", self.prompt_logprobs)
+            if self.prompt_logprobs < 0:
+                raise ValueError(f"SamplingParams: prompt_logprobs must be None or an int >= 0 (0 returns only each "
+                                 f"prompt token's logprob), got {self.prompt_logprobs}")
         if self.seed is not None:
             self.seed = _integer("seed", self.seed)
         if not isinstance(self.ignore_eos, bool):

@@ -286,10 +286,35 @@ def test_completions_echo_logprobs_and_prompt_shapes(client, llm):
     assert [ch.text for ch in strings.choices] == [batch.choices[0].text, batch.choices[2].text]
 
 
-def test_echo_with_logprobs_is_refused_until_the_engine_has_prompt_logprobs(client):
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt="Hello", echo=True, logprobs=1, max_tokens=2)
-    assert e.value.body["param"] == "echo" and "prompt" in e.value.body["message"]
+def test_echo_with_logprobs_scores_the_prompt(client, llm):
+    """echo + logprobs (how lm-eval's completions backend scores text): the prompt's tokens come first, with the
+    engine's prompt logprobs (None for the first token; top_logprobs the `logprobs` most likely there), then the
+    generated ones; streamed the same. Same engine and arithmetic as the in-process reference: JSON keeps floats."""
+    prompt = "Scoring: the capital of France is"
+    ids = llm.encode(prompt)
+    ref = reference(llm, ids, temperature=0, max_new_tokens=3, logprobs=2, prompt_logprobs=2, repetition_penalty=1.0)
+
+    def text(t):
+        return llm.tokenizer.id_to_bytes(t).decode("utf-8", "replace")
+
+    tops = [None] + [{text(t): v for t, v in sorted(d.items(), key=lambda kv: -kv[1])[:2]}
+                     for d in ref.prompt_logprobs[1:]]
+    want = {"tokens": [text(t) for t in ids] + [text(e["token_id"]) for e in ref.logprobs],
+            "token_logprobs": [None] + [d[t] for t, d in zip(ids[1:], ref.prompt_logprobs[1:])] +
+                              [e["logprob"] for e in ref.logprobs],
+            "top_logprobs": tops + [{text(t): v for t, v in e["top"]} for e in ref.logprobs]}
+    want["text_offset"] = [sum(map(len, want["tokens"][:i])) for i in range(len(want["tokens"]))]
+    kw = dict(model=MODEL, prompt=prompt, temperature=0, max_tokens=3, echo=True, logprobs=2,
+              extra_body={"repetition_penalty": 1.0})
+    c = client.completions.create(**kw).choices[0]
+    assert c.text == prompt + ref.text
+    assert {key: getattr(c.logprobs, key) for key in want} == want
+    streamed = {key: [] for key in want}
+    for chunk in client.completions.create(**kw, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            for key in want:
+                streamed[key] += getattr(chunk.choices[0].logprobs, key)
+    assert streamed == want
 
 
 def test_tokenize_and_detokenize(server, llm):

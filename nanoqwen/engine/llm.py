@@ -12,7 +12,9 @@ import atexit
 import gc
 import itertools
 import json
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence as Seq
 
@@ -82,9 +84,35 @@ class RequestOutput:
         """Per generated token {"token_id", "logprob", "top": [(id, logprob), ...]} when the request asked."""
         return None if self._seq.logprobs is None else self._seq.logprobs[:self._n]
 
+    @property
+    def prompt_logprobs(self) -> list[dict | None] | None:
+        """When the request asked (SamplingParams.prompt_logprobs=k), vLLM's: one entry per prompt token, None for
+        the first, then {token_id: logprob} holding the prompt token (first) and the k most likely tokens at that
+        position, fp32 log-softmax of the model's logits. Complete in every output of the request (an abort's may
+        come before the prompt was)."""
+        return self._seq.prompt_logprobs
+
     def __repr__(self) -> str:
         return (f"RequestOutput(request_id={self.request_id}, new_token_ids={self.new_token_ids}, "
                 f"new_text={self.new_text!r}, finished={self.finished}, finish_reason={self.finish_reason!r})")
+
+
+@dataclass
+class Score:
+    """A sequence's log-likelihood under the model. token_logprobs[i] = log p(token_ids[i + 1] | token_ids[:i + 1])
+    (the first token has nothing before it: n - 1 entries); `logprob` is their sum."""
+    token_ids: list[int]
+    token_logprobs: list[float]
+
+    @property
+    def logprob(self) -> float:
+        return math.fsum(self.token_logprobs)
+
+    @property
+    def perplexity(self) -> float:
+        """exp(-mean token logprob); nan for a single token (nothing is predicted)."""
+        n = len(self.token_logprobs)
+        return math.exp(-self.logprob / n) if n else math.nan
 
 
 class LLM:
@@ -100,6 +128,10 @@ class LLM:
     `cuda_graphs` (default: on CUDA) runs decode steps as CUDA graphs per batch-size bucket, all captured when the
     engine is built; True on the CPU runs the same padded static path without capture (for tests).
     `overlap` (default: on CUDA) launches each step before reading the previous step's tokens (see the module doc).
+    `use_dynamic_ntk` / `use_logn_attn` (None: config.json's) switch Qwen's long-context tricks for this engine's
+    model (a load-time override: checkpoint.load_model).
+    Scoring: `score` (each sequence's token logprobs), `loglikelihood` ((logprob, is_greedy) of continuations) and
+    SamplingParams(prompt_logprobs=k) on any request.
     LoRA adapters (PEFT folders, as Qwen's finetune.py writes them): `lora=PATH` merges one into the weights at load
     time (fp checkpoints; no cost per token); `enable_lora=True` serves up to `max_loras` unmerged adapters of rank
     up to `max_lora_rank` at once, on fp and GPTQ models: `add_lora(name, path)`, then `SamplingParams(lora=name)`
@@ -114,7 +146,8 @@ class LLM:
                  max_num_batched_tokens: int = 8192, max_model_len: int = 32768, enable_prefix_caching: bool = True,
                  kv_cache_dtype: str | None = None, kv_quant_mode: str = "default", cuda_graphs: bool | None = None,
                  overlap: bool | None = None, progress: bool = True, tokenizer=None, lora=None,
-                 enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 16):
+                 enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 16,
+                 use_dynamic_ntk: bool | None = None, use_logn_attn: bool | None = None):
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         for name, v in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
@@ -129,11 +162,15 @@ class LLM:
             if lora is not None:
                 raise ValueError("lora= merges an adapter while loading a checkpoint; for a model already built, "
                                  "merge it yourself (nanoqwen.lora.merge_adapter) or pass enable_lora=True")
+            if use_dynamic_ntk is not None or use_logn_attn is not None:
+                raise ValueError("use_dynamic_ntk / use_logn_attn are load-time overrides: pass them to "
+                                 "Qwen.from_pretrained when building the model (or give LLM the checkpoint)")
             self.model, folder = ckpt, None
         else:
             device = resolve_device(device)  # before any download or conversion: a bad device fails at once
             folder = resolve_checkpoint(ckpt, progress=progress, need_tokenizer=tokenizer is None)
-            self.model = load_model(folder, device, dtype, lora=lora)  # default: bf16 on CUDA (fp16 GPTQ), fp32 CPU
+            self.model = load_model(folder, device, dtype, lora=lora, use_dynamic_ntk=use_dynamic_ntk,
+                                    use_logn_attn=use_logn_attn)  # default: bf16 on CUDA (fp16 GPTQ), fp32 CPU
         self.device, self.dtype = self.model.device, self.model.dtype
         self.config, self.progress = self.model.config, progress
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer or folder)
@@ -214,6 +251,9 @@ class LLM:
             self.lora.set_token_indices(torch.full((n,), -1, dtype=torch.int32))
         with torch.no_grad():  # profile the largest prefill the scheduler can build (logits of its last row only)
             self.model(torch.zeros(n, dtype=torch.long, device=self.device), meta)
+            # and the prompt logprobs of a scoring step: n final hidden states, the head a slice of rows at a time
+            self.model.token_logprobs(torch.zeros(n, cfg.hidden_size, dtype=self.dtype, device=self.device),
+                                      torch.zeros(n, dtype=torch.long, device=self.device), top_k=20)
         torch.cuda.synchronize(self.device)
         activations = torch.cuda.max_memory_allocated(self.device) - before
         free, total = torch.cuda.mem_get_info(self.device)
@@ -328,7 +368,9 @@ class LLM:
 
     def _process(self, step: LaunchedStep) -> list[RequestOutput]:
         """Read a launched step's tokens and turn them into outputs: stop checks, detokenization."""
-        ids, lp = self.runner.collect(step)
+        ids, lp, plp = self.runner.collect(step)
+        if plp is not None:  # before the tokens: a request's prompt logprobs are complete when it first shows
+            self._store_prompt_logprobs(*plp)
         now = time.perf_counter()
         outputs = []
         for i, (seq, tok) in enumerate(zip(step.sampled, ids)):
@@ -342,6 +384,20 @@ class LLM:
                 seq.logprobs.append({"token_id": tok, "logprob": lp[0][i], "top": list(zip(lp[2][i][:k], lp[1][i][:k]))})
             outputs.append(self._emit(seq, tok))  # (a sequence preempted meanwhile keeps it and recomputes later)
         return outputs
+
+    @staticmethod
+    def _store_prompt_logprobs(scored, chosen, top_values, top_ids) -> None:
+        """Append a step's prompt logprobs to their requests as vLLM has them: {token_id: logprob} holding the
+        prompt token and the top k, per prompt token."""
+        row = 0
+        for seq, first, n in scored:
+            k = seq.params.prompt_logprobs
+            if seq.status != FINISHED:  # (an aborted request: nothing)
+                for r in range(row, row + n):
+                    entry = {seq.token_ids[first + r - row]: chosen[r]}
+                    entry.update(zip(top_ids[r][:k], top_values[r][:k]))
+                    seq.prompt_logprobs.append(entry)
+            row += n
 
     def _emit(self, seq: Sequence, tok: int) -> RequestOutput:
         """Stop checks and detokenization for a newly sampled token."""
@@ -410,6 +466,71 @@ class LLM:
                         bar.update(1)
         outs = [results[i] for i in ids]
         return outs[0] if single else outs
+
+    # ------------------------------------------------------------------------------------------------ scoring
+    def score(self, prompts, *, special_tokens: bool = True) -> "Score | list[Score]":
+        """Each sequence's log-likelihood under the model (a string, a list of token ids, or a list of either;
+        batched through the engine, one full forward of each sequence): a `Score` each, in order. Text is tokenized
+        as `encode` says."""
+        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and
+                                              all(isinstance(t, int) for t in prompts))
+        prompts = [prompts] if single else list(prompts)
+        id_lists = [self.encode(p, special_tokens) for p in prompts]
+        scored = self._prompt_logprobs(id_lists, [1] * len(id_lists), top_k=0, desc="scoring")
+        outs = [Score(ids, [entry[tok] for tok, entry in zip(ids[1:], lp[1:])]) for ids, lp in zip(id_lists, scored)]
+        return outs[0] if single else outs
+
+    def loglikelihood(self, requests, *, special_tokens: bool = True) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), is_greedy) for each (context, continuation) pair, as lm-evaluation-harness
+        asks: the sum of the continuation tokens' logprobs, and whether each of them is the argmax at its position
+        (a tie counts as greedy). Each element is a string or a list of token ids; strings are tokenized apart (the
+        continuation's tokens are `encode(continuation)`): pass ids to split a text your way. The pairs are batched
+        through the engine (one full forward of context + continuation each); the prefix cache may serve a context
+        shared with an earlier request, never the continuation."""
+        pairs = []
+        for i, pair in enumerate(requests):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise TypeError(f"loglikelihood takes (context, continuation) pairs; item {i} is {pair!r:.80}")
+            context, continuation = (self.encode(x, special_tokens) for x in pair)
+            if not context:
+                raise ValueError(f"pair {i} has an empty context: the first token has nothing to be predicted from; "
+                                 "start it with a token, e.g. '<|endoftext|>' (what lm-evaluation-harness does)")
+            if not continuation:
+                raise ValueError(f"pair {i} has an empty continuation: give at least one token to score")
+            pairs.append((context, continuation))
+        scored = self._prompt_logprobs([c + t for c, t in pairs], [len(c) for c, _ in pairs], top_k=1,
+                                       desc="log-likelihoods")
+        results = []
+        for (context, continuation), lp in zip(pairs, scored):
+            entries = lp[len(context):]
+            results.append((math.fsum(e[t] for t, e in zip(continuation, entries)),
+                            all(e[t] >= max(e.values()) for t, e in zip(continuation, entries))))
+        return results
+
+    def _prompt_logprobs(self, id_lists: list[list[int]], firsts: list[int], top_k: int,
+                         desc: str) -> list[list[dict | None]]:
+        """Run each id list as a prompt with prompt logprobs (top_k) from token firsts[i] on (earlier tokens: None;
+        the prefix cache may serve them) and one greedy token; returns their `prompt_logprobs` in order."""
+        params = SamplingParams(temperature=0, max_new_tokens=1, prompt_logprobs=top_k, ignore_eos=True)
+        ids = []
+        try:
+            for tokens, first in zip(id_lists, firsts):
+                ids.append(self.add_request(tokens, params))
+                seq = self.requests[ids[-1]]  # still waiting: no step has seen it
+                seq.prompt_logprobs, seq.prompt_logprobs_next = [None] * first, first
+        except Exception:
+            for i in ids:
+                self.abort(i)
+            self._aborted = [o for o in self._aborted if o.request_id not in ids]
+            raise
+        results, wanted = {}, set(ids)
+        with tqdm(total=len(ids), desc=desc, unit="seq", disable=not self.progress or len(ids) < 8) as bar:
+            while wanted - results.keys():
+                for out in self.step():
+                    if out.finished and out.request_id in wanted:
+                        results[out.request_id] = out.prompt_logprobs
+                        bar.update(1)
+        return [results[i] for i in ids]
 
     def chat_params(self, params: SamplingParams | None) -> SamplingParams:
         return params if params is not None else self.default_params

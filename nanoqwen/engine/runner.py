@@ -35,6 +35,9 @@ class LaunchedStep:
     sampled: list[Sequence]
     token_ids: torch.Tensor | list[int] | None = None  # [N] on the host (pinned on CUDA), valid once `event` is done
     logprobs: tuple | None = None  # (chosen [N], top values [N, k], top ids [N, k]) on the host
+    # prompt logprobs: ([(sequence, index of its first prompt token scored here, count), ...], chosen [R],
+    # top values [R, k], top ids [R, k]) on the device, rows in that order; None when the step scored none
+    prompt_logprobs: tuple | None = None
     event: torch.cuda.Event | None = None
 
 
@@ -104,16 +107,17 @@ class ModelRunner:
         sampled = [seq for seq, n in batch if seq.num_computed + n == seq.num_tokens]
         flags = self.sampler.flags([s.slot for s in sampled]) if sampled else None
         decode = len(sampled) == len(batch) and all(n == 1 for _, n in batch)
+        prompt_logprobs = None  # (a decode step has no prompt rows)
         with torch.no_grad():
             if decode and self.graphs is not None:
                 out, logits, slots = self.graphs.run(batch, flags)
             else:
-                logits, slots = self._forward_eager(batch, len(sampled))
+                logits, slots, prompt_logprobs = self._forward_eager(batch, len(sampled))
                 out = None
                 if sampled:
                     out = self.sampler.sample(logits, slots, flags)
                     self.last_tokens.index_copy_(0, slots, out.next_ids)
-        step = LaunchedStep(sampled)
+        step = LaunchedStep(sampled, prompt_logprobs=prompt_logprobs)
         if out is None:
             return step
         n = len(sampled)
@@ -136,18 +140,23 @@ class ModelRunner:
         self._flip ^= 1
         return buf.copy_(ids, non_blocking=True)
 
-    def collect(self, step: LaunchedStep) -> tuple[list[int], tuple | None]:
-        """Wait for a launched step's tokens (only for that step: later launched work keeps running)."""
+    def collect(self, step: LaunchedStep) -> tuple[list[int], tuple | None, tuple | None]:
+        """Wait for a launched step's tokens (only for that step: later launched work keeps running). Returns the
+        tokens, their logprobs and the prompt logprobs, as lists (see LaunchedStep)."""
         if step.event is not None:
             step.event.synchronize()
         ids = step.token_ids if isinstance(step.token_ids, list) else \
             step.token_ids.tolist() if step.token_ids is not None else []
         lp = tuple(t.tolist() for t in step.logprobs) if step.logprobs is not None else None
-        return ids, lp
+        plp = step.prompt_logprobs
+        if plp is not None:
+            plp = (plp[0], *(t.tolist() for t in plp[1:]))
+        return ids, lp, plp
 
-    def _forward_eager(self, batch, num_sampled: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_eager(self, batch, num_sampled: int) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         """Any batch, exact shapes: per-token metadata built on the host with numpy, two uploads. Returns the
-        logits of the sampled rows and their slots (on the device)."""
+        logits of the sampled rows, their slots (on the device) and the prompt logprobs this step computed (see
+        LaunchedStep.prompt_logprobs)."""
         bs = self.block_size
         starts = np.array([seq.num_computed for seq, _ in batch], dtype=np.int64)
         lens = np.array([n for _, n in batch], dtype=np.int64)
@@ -173,11 +182,12 @@ class ModelRunner:
                 pending_rows.append(i)
         sampled_rows = np.nonzero(ends == np.array([seq.num_tokens for seq, _ in batch]))[0]
         logits_rows = cu[1:][sampled_rows] - 1
-        longs = self._upload(np.concatenate([tokens, positions, slot_mapping, ntk, logits_rows, slots,
-                                             slots[sampled_rows], lora]))
+        prompt_rows, targets, scored = self._prompt_logprob_rows(batch, starts, ends, cu)
+        longs = self._upload(np.concatenate([tokens, positions, slot_mapping, ntk, logits_rows, prompt_rows, slots,
+                                             slots[sampled_rows], lora, targets]))
         ints = self._upload(np.concatenate([cu, ends]).astype(np.int32))
-        tokens_d, positions_d, slot_mapping_d, ntk_d, rows_d, slots_d, sampled_slots, lora_d = longs.split(
-            [T, T, T, T, len(logits_rows), len(batch), len(sampled_rows), len(lora)])
+        tokens_d, positions_d, slot_mapping_d, ntk_d, rows_d, slots_d, sampled_slots, lora_d, targets_d = longs.split(
+            [T, T, T, T, len(logits_rows) + len(prompt_rows), len(batch), len(sampled_rows), len(lora), len(targets)])
         if self.lora is not None:
             self.lora.set_token_indices(lora_d)  # the adapter slot of every token row (-1: none)
         if pending_rows:  # decodes of sequences whose last token the host has not read: take it on the device
@@ -190,7 +200,33 @@ class ModelRunner:
             slot_mapping=slot_mapping_d, block_tables=self.tables[slots_d, :width], context_lens=ints[len(batch) + 1:],
             max_context_len=int(ends.max()), is_decode=bool((lens == 1).all()) and num_sampled == len(batch),
             logits_indices=rows_d)
-        return self.model(tokens_d, meta, self.kv_cache), sampled_slots
+        if not scored:  # (through forward: tests and benchmarks hook it)
+            return self.model(tokens_d, meta, self.kv_cache), sampled_slots, None
+        # the sampled rows' logits, then the prompt rows' logprobs a slice of rows at a time (the head's [rows, vocab]
+        # logits of a long prompt must never exist at once)
+        hidden = self.model.hidden_states(tokens_d, meta, self.kv_cache)
+        k = min(max(seq.params.prompt_logprobs for seq, *_ in scored), self.model.config.vocab_size)
+        prompt = self.model.token_logprobs(hidden[len(logits_rows):], targets_d, k)
+        return self.model.logits(hidden[:len(logits_rows)]), sampled_slots, (scored, *prompt)
+
+    def _prompt_logprob_rows(self, batch, starts, ends, cu) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
+        """The rows of this step whose prompt logprobs are wanted: those of prompt tokens from each sequence's
+        `prompt_logprobs_next` on (a row at position p scores prompt token p + 1; tokens already scored before a
+        preemption are not scored again). Returns (rows [R], target token ids [R], [(sequence, first token, count)])."""
+        rows, targets, scored = [], [], []
+        for i, (seq, _) in enumerate(batch):
+            first = seq.prompt_logprobs_next
+            if first is None:
+                continue
+            lo, hi = max(int(starts[i]), first - 1), min(int(ends[i]), seq.num_prompt - 1)  # positions p in [lo, hi)
+            if hi <= lo:
+                continue
+            rows.append(np.arange(lo, hi) - starts[i] + cu[i])
+            targets.append(np.array(seq.token_ids[lo + 1:hi + 1], dtype=np.int64))
+            scored.append((seq, lo + 1, hi - lo))
+        if not scored:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), []
+        return np.concatenate(rows), np.concatenate(targets), scored
 
     def close(self) -> None:
         self.graphs = None

@@ -52,6 +52,10 @@ class Sequence:
         self.detok = None
         self.text, self.emitted_chars = "", 0
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        # prompt logprobs (params.prompt_logprobs): one entry per prompt token, None for the first; the next token
+        # whose entry a launched step has not computed yet (scoring requests may start later: earlier ones None)
+        self.prompt_logprobs: list[dict | None] | None = [None] if params.prompt_logprobs is not None else None
+        self.prompt_logprobs_next: int | None = 1 if params.prompt_logprobs is not None else None
 
     @property
     def num_tokens(self) -> int:
@@ -160,6 +164,8 @@ class Scheduler:
         for seq, n in batch:
             seq.num_computed += n
             self._register(seq)
+            if seq.prompt_logprobs_next is not None:  # the runner computed the prompt logprobs up to here
+                seq.prompt_logprobs_next = max(seq.prompt_logprobs_next, min(seq.num_computed + 1, seq.num_prompt))
         for seq in sampled:
             seq.num_pending += 1
 
@@ -177,7 +183,12 @@ class Scheduler:
             seq.ntk_index = ntk_index(seq.num_prompt, self.seq_length, self.use_dynamic_ntk)
             # cached K/V depend on the NTK row and the adapter: blocks are shared only between equal ones
             seq.prefix_hashes = self.blocks.prefix_hashes(seq.token_ids, seq.num_prompt, (seq.ntk_index, seq.lora_id))
-        seq.block_table, seq.num_computed = self.blocks.allocate(seq.token_ids, seq.prefix_hashes)  # every token
+        usable = seq.prefix_hashes
+        if seq.prompt_logprobs_next is not None:
+            # a cached block has no logits: the prefix cache serves only the blocks before the first position whose
+            # prompt logprobs are still to be computed (none for a fresh request: its whole prompt is recomputed)
+            usable = usable[:(seq.prompt_logprobs_next - 1) // self.blocks.block_size]
+        seq.block_table, seq.num_computed = self.blocks.allocate(seq.token_ids, usable)  # every token
         seq.num_registered = seq.num_computed // self.blocks.block_size
         seq.metrics.setdefault("cached_tokens", seq.num_computed)
         seq.slot = self.free_slots.pop()

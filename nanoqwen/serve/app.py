@@ -23,7 +23,6 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import stop_token_ids
-from ..sampling import SamplingParams
 from .engine_loop import EngineDead, EngineError, EngineLoop
 from .protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, NamedTool, TokenizeRequest,
                        check_model, check_unsupported, error_body, parse, sampling_params, stop_strings)
@@ -31,8 +30,6 @@ from .react import OBSERVATION_STOP, ReActParser, chat_prompt_ids, to_conversati
 
 log = logging.getLogger("nanoqwen.serve")
 PAGE = Path(__file__).parent / "static" / "index.html"
-# the engine gains prompt-token logprobs in a later version (SamplingParams.prompt_logprobs); echo + logprobs needs them
-ENGINE_HAS_PROMPT_LOGPROBS = "prompt_logprobs" in {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 def json_response(data: dict, status: int = 200) -> Response:
@@ -260,9 +257,6 @@ class Server:
         n = req.n or 1
         if req.best_of is not None and req.best_of != n:
             raise APIError(400, "best_of is not supported: leave it out (or set it equal to n)", "best_of")
-        if req.echo and req.logprobs is not None and not ENGINE_HAS_PROMPT_LOGPROBS:
-            raise APIError(400, "echo with logprobs needs the prompt tokens' logprobs, which this engine version does "
-                                "not compute yet: drop echo or logprobs", "echo")
         prompts = self.completion_prompts(req.prompt)
         items, stop = [], stop_strings(req.stop)
         for ids, _ in prompts:
@@ -271,7 +265,7 @@ class Server:
                                     max_model_len=self.max_model_len, stop=stop,
                                     seed=None if req.seed is None else req.seed + i, logprobs=req.logprobs,
                                     param="prompt", lora=lora)
-                if req.echo and req.logprobs is not None:
+                if req.echo and req.logprobs is not None:  # the prompt's logprobs too (recomputed, never cached)
                     p = dataclasses.replace(p, prompt_logprobs=req.logprobs)
                 items.append((ids, p))
         gen = await self.start(items)
@@ -453,7 +447,7 @@ class CompletionChoice:
         if self.echo and not self.echoed:
             self.echoed = True
             text = self.prompt_text + text
-            if self.logprobs is not None:  # needs the engine's prompt logprobs (see ENGINE_HAS_PROMPT_LOGPROBS)
+            if self.logprobs is not None:  # the engine's prompt logprobs: None for the first token
                 for k, (tok, dist) in enumerate(zip(self.prompt_ids, out.prompt_logprobs)):
                     top = None if dist is None else dict(sorted(dist.items(), key=lambda kv: -kv[1])[:self.logprobs])
                     self._add_token(lp, tok, None if dist is None else dist[tok],
