@@ -91,7 +91,7 @@ class FakeCuda:
 
 def test_pick_forced_modes_and_cpu(monkeypatch):
     """Forced modes take the baseline or the first new kernel without timing; auto on the CPU is the baseline."""
-    monkeypatch.setattr(gemv, "_time_ms", lambda fn: pytest.fail("timed outside CUDA"))
+    monkeypatch.setattr(gemv, "_time_ms", lambda fn, dev: pytest.fail("timed outside CUDA"))
     cands = {"cublas": lambda: 0, "triton": lambda: 1, "other": lambda: 2}
     x = torch.zeros(1, 8)
     monkeypatch.setenv("NANOQWEN_GEMV", "cublas")
@@ -114,7 +114,7 @@ def test_pick_times_once_per_shape_and_never_in_a_capture(monkeypatch):
     monkeypatch.setattr(gemv, "_CHOICES", {})
     timed = []
     speed = {"cublas": 2.0, "triton": 1.0}
-    monkeypatch.setattr(gemv, "_time_ms", lambda fn: timed.append(fn()) or speed[fn()])
+    monkeypatch.setattr(gemv, "_time_ms", lambda fn, dev: timed.append(fn()) or speed[fn()])
     capturing = [True]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     cands = {"cublas": lambda: "cublas", "triton": lambda: "triton"}
@@ -128,6 +128,30 @@ def test_pick_times_once_per_shape_and_never_in_a_capture(monkeypatch):
     speed["cublas"] = 0.5
     assert gemv.pick("linear", FakeCuda(5, 64), 32, 64, cands) == "cublas" and len(timed) == 4  # bucket 8: timed
     assert set(gemv.choices().values()) == {"triton", "cublas"}
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA events and graphs")
+def test_pick_on_cuda_times_eagerly_and_captures_without_timing(monkeypatch, rng):
+    """The real thing on a GPU: a capture of an undecided shape runs the baseline untimed (and the graph replays it
+    right); an eager call times both candidates, remembers the faster, and the result is right either way."""
+    seed = rng.initial_seed()
+    monkeypatch.setenv("NANOQWEN_GEMV", "auto")
+    monkeypatch.setattr(gemv, "_CHOICES", {})
+    lin = gemv.Linear(512, 384).to(DEVICE, torch.bfloat16)
+    x = randn(rng, 3, 512, dtype=torch.bfloat16)
+    ref = gemv.linear_ref(x, lin.weight, lin.bias)
+    with torch.no_grad():
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = lin(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert gemv.choices() == {}
+        torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), msg=lambda m: f"seed {seed}: {m}")
+        y = lin(x)
+    assert list(gemv.choices().values())[0] in ("cublas", "triton")
+    torch.testing.assert_close(y, ref, rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16] * ref.abs().max().item(),
+                               msg=lambda m: f"seed {seed}: {m}")
 
 
 def test_linear_module_routes_decode_rows(monkeypatch, rng):

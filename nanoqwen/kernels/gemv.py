@@ -56,11 +56,12 @@ def _store_tile(acc, out_ptr, bias_ptr, offs_n, offs_m, M, N, HAS_BIAS: tl.const
 
 @triton.jit
 def store_or_reduce(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, offs_n, offs_m, M, N,
-                    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Split-K epilogue of a grid (column tiles, SPLIT_K): program (t, s) holds split s's partial acc of tile t.
-    With SPLIT_K > 1 every partial goes to the workspace [SPLIT_K, M, N] fp32; the last program of tile t to arrive
-    (an arrival counter per tile, reset by that program) sums them in split order and stores y."""
-    if SPLIT_K == 1:
+                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """Split-K epilogue of a grid (column tiles, splits): program (t, s) holds split s's partial acc of tile t.
+    With SPLIT (more than one split; their number is the grid's, so it costs no recompilation) every partial goes to
+    the workspace [splits, M, N] fp32; the last program of tile t to arrive (an arrival counter per tile, reset by
+    that program) sums them in split order and stores y."""
+    if not SPLIT:
         _store_tile(acc, out_ptr, bias_ptr, offs_n, offs_m, M, N, HAS_BIAS)
     else:
         mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
@@ -68,9 +69,10 @@ def store_or_reduce(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, offs_n, offs_m, M,
         tl.store(ws_tile + tl.program_id(1) * M * N, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is stored before the (release) atomic below
         arrived = tl.atomic_add(lock_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
+        n_split = tl.num_programs(1)
+        if arrived == n_split - 1:
             total = tl.zeros(acc.shape, dtype=tl.float32)
-            for s in range(SPLIT_K):
+            for s in range(n_split):
                 total += tl.load(ws_tile + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(lock_ptr + tl.program_id(0), 0)  # ready for the next launch
             _store_tile(total, out_ptr, bias_ptr, offs_n, offs_m, M, N, HAS_BIAS)
@@ -79,9 +81,9 @@ def store_or_reduce(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, offs_n, offs_m, M,
 @triton.jit
 def _linear_gemv_kernel(x_ptr, stride_xm, w_ptr, stride_wn, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K,
                         steps_per_split,
-                        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (column tiles, SPLIT_K): program (t, s) does K steps [s * steps_per_split, ...) of columns t."""
+    """Grid (column tiles, splits): program (t, s) does K steps [s * steps_per_split, ...) of columns t."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -95,7 +97,7 @@ def _linear_gemv_kernel(x_ptr, stride_xm, w_ptr, stride_wn, bias_ptr, out_ptr, w
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
-    store_or_reduce(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, offs_n, offs_m, M, N, HAS_BIAS, SPLIT_K)
+    store_or_reduce(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, offs_n, offs_m, M, N, HAS_BIAS, SPLIT)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -160,7 +162,7 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     _linear_gemv_kernel[(tiles, split_k)](
         x2, x2.stride(0), weight, weight.stride(0), bias if bias is not None else weight, out, ws,
         locks(x.device, tiles) if split_k > 1 else ws, M, N, K, per_split,
-        HAS_BIAS=bias is not None, SPLIT_K=split_k, EVEN_K=K % cfg["block_k"] == 0, BLOCK_M=16,
+        HAS_BIAS=bias is not None, SPLIT=split_k > 1, EVEN_K=K % cfg["block_k"] == 0, BLOCK_M=16,
         BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out.view(*x.shape[:-1], N)
@@ -182,18 +184,23 @@ def row_bucket(M: int) -> int:
     return 1 << max(M - 1, 0).bit_length()
 
 
-def _time_ms(fn: Callable[[], torch.Tensor]) -> float:
-    """Median of TIMING_REPS CUDA-event timed calls, after two untimed ones (the first compiles)."""
-    fn(), fn()
-    times = []
-    for _ in range(TIMING_REPS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def _time_ms(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+    """Median GPU time of TIMING_REPS calls (after two untimed ones, the first of which compiles), each behind a write
+    of twice the L2: the weights come from HBM as in a decode step, and the GPU is busy while the host launches, so
+    launch overhead, which CUDA graphs do not have, is not counted."""
+    with torch.cuda.device(device):
+        fn(), fn()
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+        scratch = torch.empty(max(2 * l2, 64 << 20) // 4, dtype=torch.int32, device=device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(TIMING_REPS)]
+        for start, end in events:
+            scratch.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+    return sorted(start.elapsed_time(end) for start, end in events)[TIMING_REPS // 2]
 
 
 def pick(kind: str, x: torch.Tensor, N: int, K: int, candidates: dict[str, Callable[[], torch.Tensor]]) -> str:
@@ -212,7 +219,7 @@ def pick(kind: str, x: torch.Tensor, N: int, K: int, candidates: dict[str, Calla
     if choice is None:
         if torch.cuda.is_current_stream_capturing():
             return names[0]  # never time inside a capture; decided at the next eager call
-        times = {name: _time_ms(fn) for name, fn in candidates.items()}
+        times = {name: _time_ms(fn, x.device) for name, fn in candidates.items()}
         choice = _CHOICES[key] = min(times, key=times.get)
     return choice
 

@@ -292,9 +292,9 @@ def _q_minus_z(words, zp, magic, BLOCK_N: tl.constexpr, BITS: tl.constexpr, ZERO
 def _gptq_magic_kernel(x_ptr, stride_xm, perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
                        M, N, K, group_size, chunks_per_split, magic,
                        BITS: tl.constexpr, ZERO: tl.constexpr, CHUNK_GROUPS: tl.constexpr, HAS_PERM: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
-    """Grid (column tiles, SPLIT_K): program (t, s) does chunks [s * chunks_per_split, ...) of columns t, computing
+    """Grid (column tiles, splits): program (t, s) does chunks [s * chunks_per_split, ...) of columns t, computing
     the transposed tile acc[n, m] += A[n, kappa] @ x[m, k(kappa)].T."""
     PAIRS: tl.constexpr = 16 // BITS
     CHUNK: tl.constexpr = 512 // BITS
@@ -339,7 +339,7 @@ def _gptq_magic_kernel(x_ptr, stride_xm, perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr
             z = tl.load(z_ptr + el, mask=el_ok, other=0.0).to(tl.float32)
             q = _q_minus_z(words, 0, magic, BLOCK_N, BITS, "none", tl.float32)
             acc = tl.dot(((q - z) * s).to(XDT), xt, acc, input_precision=DOT_PRECISION)  # the reference's rounding
-    store_or_reduce(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, offs_n, offs_m, M, N, HAS_BIAS, SPLIT_K)
+    store_or_reduce(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, offs_n, offs_m, M, N, HAS_BIAS, SPLIT)
 
 
 # ----------------------------------------------------------------------------------------------- launcher
@@ -493,7 +493,7 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         bias if bias is not None else scales, out, ws, _locks(x.device, tiles) if split_k > 1 else ws,
         M, N, K, group_size if group_size > 0 else 1 << 30, per_split, magic_bits(bits, x.dtype),
         BITS=bits, ZERO="sym" if sym else "packed", CHUNK_GROUPS=group_size == -1 or group_size % chunk == 0,
-        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=cfg["block_m"],
+        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT=split_k > 1, BLOCK_M=cfg["block_m"],
         BLOCK_N=cfg["block_n"], DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out.view(*x.shape[:-1], N)
