@@ -337,7 +337,7 @@ def _gptq_magic_kernel(x_ptr, stride_xm, perm_ptr, w_ptr, s_ptr, z_ptr, bias_ptr
             el_ok = n_ok[:, None] & (kg < K)[None, :]
             s = tl.load(s_ptr + el, mask=el_ok, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + el, mask=el_ok, other=0.0).to(tl.float32)
-            q = _q_minus_z(words, 0, magic, BLOCK_N, BITS, "none", tl.float32)
+            q = _q_minus_z(words, 0, magic, BLOCK_N, BITS, "none", XDT).to(tl.float32)  # the magic of XDT
             acc = tl.dot(((q - z) * s).to(XDT), xt, acc, input_precision=DOT_PRECISION)  # the reference's rounding
     store_or_reduce(acc, out_ptr, bias_ptr, ws_ptr, lock_ptr, offs_n, offs_m, M, N, HAS_BIAS, SPLIT)
 
@@ -483,6 +483,8 @@ def gptq_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         return out.view(*x.shape[:-1], N)
     chunk = chunk_rows(bits)
     cfg = {**magic_config(M, N, K, bits, group_size, x.device), **config}
+    if x.dtype == torch.float32 and "num_stages" not in config:
+        cfg["num_stages"] = 2  # fp32 tiles of x and A are twice the bytes (fp32 models: tests, not speed)
     n_chunks = triton.cdiv(K, chunk)
     per_split = triton.cdiv(n_chunks, max(1, min(cfg["split_k"], n_chunks)))
     split_k = triton.cdiv(n_chunks, per_split)  # no empty splits
