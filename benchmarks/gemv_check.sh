@@ -39,10 +39,10 @@ step() {  # step NAME CAP_S COMMAND...: output into the log, exit status and sec
 echo "gemv_check commit $(git rev-parse --short HEAD 2>/dev/null || cat .bench/COMMIT 2>/dev/null)" | tee -a "$LOG"
 [ "$DRY" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 mkdir -p "$OUT/bench" "$OUT/decode_cublas" "$OUT/decode_auto"
-OUT=$OUT/bench step gptq_bench 150 "$PY" benchmarks/gptq_bench.py "${TINY[@]}"
+OUT=$OUT/bench step gptq_bench 150 "$PY" benchmarks/gptq_bench.py ${TINY[@]+"${TINY[@]}"}
 for mode in cublas auto; do
     OUT=$OUT/decode_$mode NANOQWEN_GEMV=$mode step "decode_$mode" 80 "$PY" benchmarks/decode.py --variants bf16,int4 \
-        --modes greedy --no-fastref "${TINY[@]}"
+        --modes greedy --no-fastref ${TINY[@]+"${TINY[@]}"}
 done
 [ "$DRY" = 1 ] || step gpu_tests 90 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_gemv.py \
     tests/test_gptq_kernels.py -k "exactly or linear_gemv_vs or pick or rejects"
