@@ -21,6 +21,7 @@ from .attention import AttentionMetadata, attention, needs_grad
 from .config import QwenConfig
 from .kernels import use_triton
 from .kernels.activation import silu_mul, silu_mul_ref
+from .kernels.gemv import Linear  # nn.Linear; decode-sized calls may take a split-K GEMV
 from .kernels.rms_norm import rms_norm, rms_norm_ref
 from .rope import RotaryEmbedding, StepRope, apply_rotary, ntk_index
 
@@ -45,8 +46,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: QwenConfig):
         super().__init__()
         self.n_head, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)  # Q | K | V, contiguous thirds
-        self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=not cfg.no_bias)
+        self.c_attn = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)  # Q | K | V, contiguous thirds
+        self.c_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=not cfg.no_bias)
 
     def forward(self, x, rope: StepRope, meta: AttentionMetadata, kv):
         T = x.shape[0]
@@ -62,8 +63,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: QwenConfig):
         super().__init__()
-        self.w2_w1 = nn.Linear(cfg.hidden_size, 2 * cfg.mlp_width, bias=not cfg.no_bias)
-        self.c_proj = nn.Linear(cfg.mlp_width, cfg.hidden_size, bias=not cfg.no_bias)
+        self.w2_w1 = Linear(cfg.hidden_size, 2 * cfg.mlp_width, bias=not cfg.no_bias)
+        self.c_proj = Linear(cfg.mlp_width, cfg.hidden_size, bias=not cfg.no_bias)
 
     def forward(self, x):
         gate_up = self.w2_w1(x)
@@ -99,7 +100,7 @@ class Qwen(nn.Module):
             h=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
             ln_f=RMSNorm(config.hidden_size, config.layer_norm_epsilon),
         ))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_emb_base)
         self.gradient_checkpointing = False  # training: keep only each block's inputs, recompute the rest in backward
 

@@ -1,4 +1,5 @@
-"""GPTQ Triton kernels (GEMV split-K and tiled GEMM) against the torch reference, on fresh random packed weights.
+"""GPTQ Triton kernels (GEMV split-K, tiled GEMM, magic-number GEMV) against the torch reference, on fresh random
+packed weights.
 
 On a machine without CUDA they run under Triton's CPU interpreter (TRITON_INTERPRET=1, small shapes, fp32 and fp16
 only: the interpreter's bf16 tl.dot is wrong); on a GPU the same tests run compiled, bf16 included.
@@ -118,6 +119,153 @@ def test_gptq_linear_uses_kernels(monkeypatch):
     monkeypatch.setattr(gm, "gptq_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     assert calls, "the Triton path was not taken"
+
+
+# ----------------------------------------------------------------------------------------------- magic-number GEMV
+# Tolerances, relative to the norm: two units of the output dtype's eps (the kernel applies the scale to exact
+# integer dot products in fp32 and rounds once; the reference's own rounding of every weight is as large), 1e-5 fp32.
+MAGIC_TOL = {torch.float32: 1e-5, torch.float16: 2 * 2**-10, torch.bfloat16: 2 * 2**-7}
+
+
+@pytest.fixture
+def rng():
+    """A fresh seed every run, quoted in the messages; KERNEL_TEST_SEED=<seed> replays one."""
+    seed = int(os.environ.get("KERNEL_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"KERNEL_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def magic_layer(gen, K, N, bits, group_size, act_order, zeros):
+    """Random planar weights with zeros "sym" (all 2^(bits-1)), "random" (1 .. 2^bits) or "extreme" (0 and 2^bits:
+    the ends of the range the magic-number subtraction must take without a borrow)."""
+    q = torch.randint(0, 2**bits, (K, N), generator=gen)
+    n_groups = 1 if group_size == -1 else -(-K // group_size)
+    scales = (torch.rand(n_groups, N, generator=gen) * 0.02 + 0.002).half()
+    if zeros == "sym":
+        z = torch.full((n_groups, N), 2 ** (bits - 1))
+    elif zeros == "random":
+        z = torch.randint(1, 2**bits + 1, (n_groups, N), generator=gen)
+    else:
+        z = torch.randint(0, 2, (n_groups, N), generator=gen) * 2**bits
+    perm = torch.randperm(K, generator=gen).to(torch.int32) if act_order else None
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return to(gm.pack_planar(q, bits)), to(scales), to(z.half()), to(perm)
+
+
+def check_magic(gen, M, K, N, bits, group_size, act_order, dtype, zeros="random", bias=True, **config):
+    seed = gen.initial_seed()
+    qweight, scales, z, perm = magic_layer(gen, K, N, bits, group_size, act_order, zeros)
+    b = (torch.randn(N, generator=gen) * 0.1).half().to(DEVICE) if bias else None
+    x = torch.randn(M, K, generator=gen).to(dtype=dtype, device=DEVICE)
+    out = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)  # poisoned: unwritten elements fail
+    y = gm.gptq_gemv(x, qweight, scales, z, bits, group_size, b, perm, sym=zeros == "sym", out=out, **config)
+    what = f"M={M} K={K} N={N} int{bits} group {group_size} act_order={act_order} zeros {zeros} {dtype} {config}"
+    assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any(), f"unwritten outputs, {what}, seed {seed}"
+    W = gm.dequantize_planar(qweight, scales, z, perm, bits, group_size, K)
+    ref = x.double() @ W.double().t() + (b.double() if bias else 0)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < MAGIC_TOL[dtype], f"{what}: rel err {err:.2e}, seed {seed}"
+    ref_torch = gm.gptq_matmul_ref(x, qweight, scales, z, bits, group_size, b, perm)  # what the CPU path runs
+    tol = MAGIC_TOL[dtype]
+    torch.testing.assert_close(y, ref_torch, rtol=tol, atol=tol * ref.abs().max().item(),
+                               msg=lambda m: f"{what}, seed {seed}: {m}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_magic_gemv_vs_reference(bits, group_size, rng):
+    """Rows 1, 3, 16 (the 16-row tile), 33 (32 rows... 64-row tile) with K = 200 and N = 40 (not multiples of a chunk
+    or a column tile); act-order on odd rows; zeros symmetric, random, extreme; split-K 3 (uneven); fp32 and fp16 in
+    the interpreter, bf16 too on a GPU. Groups 32 and 64 of int4 (and 32 of int8) are smaller than a chunk: the
+    per-weight scale path."""
+    for M, zeros in ((1, "sym"), (3, "random"), (16, "extreme"), (33, "random")):
+        for dtype in DTYPES if CUDA else [torch.float16 if M in (3, 16) else torch.float32]:
+            check_magic(rng, M, 200, 40, bits, group_size, act_order=M % 2 == 1, dtype=dtype, zeros=zeros,
+                        split_k=3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [4, 8])
+def test_magic_gemv_splits_tiles_defaults(bits, rng):
+    """Split-K none and more splits than chunks, a narrow column tile, the default config, 64 rows, no bias, group
+    48 (not a power of two); the arrival counters end at zero."""
+    check_magic(rng, 2, 264, 40, bits, 128, act_order=False, dtype=torch.float32, split_k=1)
+    check_magic(rng, 2, 264, 72, bits, 64, act_order=True, dtype=torch.float16, zeros="sym", split_k=64, block_n=64)
+    check_magic(rng, 64, 136, 24, bits, -1, act_order=False, dtype=torch.float16, bias=False)
+    check_magic(rng, 5, 100, 24, bits, 48, act_order=True, dtype=torch.float32)
+    for locks in gm._LOCKS.values():
+        assert int(locks.abs().sum()) == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [4, 8])
+def test_magic_gemv_dequantizes_exactly(bits, rng):
+    """With one-hot rows of x (x[m] = e_k), y[m] is the dequantized column k: the kernel's q - z is exact and the
+    scale lands on an exact fp32 product, so y must EQUAL the reference's weights rounded to x's dtype, bit for bit,
+    for every zero kind, chunk-sized and per-weight groups, act-order and split-K."""
+    seed = rng.initial_seed()
+    K, N = 200, 40
+    for group_size, zeros, act_order, split_k in ((128 if bits == 4 else 64, "sym", False, 1), (-1, "extreme", True, 3),
+                                                  (32, "random", False, 2), (128, "random", True, 4)):
+        qweight, scales, z, perm = magic_layer(rng, K, N, bits, group_size, act_order, zeros)
+        W = gm.dequantize_planar(qweight, scales, z, perm, bits, group_size, K)  # [N, K], original input order
+        ks = torch.randperm(K, generator=rng)[:16]
+        for dtype in DTYPES:
+            x = torch.zeros(16, K, dtype=dtype, device=DEVICE)
+            x[torch.arange(16), ks.to(DEVICE)] = 1
+            y = gm.gptq_gemv(x, qweight, scales, z, bits, group_size, None, perm, sym=zeros == "sym",
+                             split_k=split_k)
+            want = W[:, ks.to(DEVICE)].t().to(dtype)
+            bad = (y != want).sum().item()
+            assert bad == 0, (f"int{bits} group {group_size} zeros {zeros} act_order={act_order} {dtype}: {bad} of "
+                              f"{want.numel()} weights differ, seed {seed}")
+
+
+@needs_kernels
+def test_magic_gemv_rejects():
+    qweight, scales, z, _ = magic_layer(torch.Generator().manual_seed(0), 128, 16, 4, 128, False, "sym")
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        gm.gptq_gemv(torch.randn(65, 128, device=DEVICE), qweight, scales, z, 4, 128)
+    with pytest.raises(ValueError, match="planar"):
+        gm.gptq_gemv(torch.randn(2, 300, device=DEVICE), qweight, scales, z, 4, 128)
+
+
+@needs_kernels
+def test_gptq_linear_picks_between_kernels(monkeypatch, rng):
+    """GPTQLinear with the Triton kernels: up to 64 rows NANOQWEN_GEMV picks the old split-K kernel (cublas, and
+    auto on the CPU: nothing changes) or the magic GEMV (triton); the symmetric path follows in-place changes of
+    the zeros (checked per version of the tensor)."""
+    from nanoqwen.quant.gptq import GPTQLinear
+    seed = rng.initial_seed()
+    qweight, scales, z, perm = magic_layer(rng, 256, 48, 4, 128, True, "sym")
+    m = GPTQLinear.from_planar({"qweight_planar": qweight, "scales": scales, "zeros": z, "perm": perm,
+                                "bias": torch.randn(48, generator=rng).half().to(DEVICE)}, 4, 128, in_features=256)
+    x = torch.randn(5, 256, generator=rng).to(DEVICE)
+    monkeypatch.setenv("NANOQWEN_KERNELS", "torch")
+    ref = m(x)
+    monkeypatch.setenv("NANOQWEN_KERNELS", "triton")
+    calls = []
+    real_old, real_new = gm.gptq_matmul, gm.gptq_gemv
+    monkeypatch.setattr(gm, "gptq_matmul", lambda *a, **k: calls.append("old") or real_old(*a, **k))
+    monkeypatch.setattr(gm, "gptq_gemv", lambda *a, **k: calls.append(("magic", k["sym"])) or real_new(*a, **k))
+    tol = dict(rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=lambda msg: f"seed {seed}: {msg}")
+    for mode, want in (("cublas", "old"), ("triton", ("magic", True))) + ((("auto", "old"),) if not CUDA else ()):
+        monkeypatch.setenv("NANOQWEN_GEMV", mode)
+        calls.clear()
+        torch.testing.assert_close(m(x), ref, **tol)
+        assert calls == [want], (mode, calls)
+    monkeypatch.setenv("NANOQWEN_GEMV", "triton")
+    m.zeros[0, 0] = 7  # no longer symmetric: the general path
+    calls.clear()
+    monkeypatch.setenv("NANOQWEN_KERNELS", "torch")
+    ref = m(x)
+    monkeypatch.setenv("NANOQWEN_KERNELS", "triton")
+    torch.testing.assert_close(m(x), ref, **tol)
+    assert calls == [("magic", False)]
+    calls.clear()
+    m(torch.randn(65, 256, device=DEVICE))
+    assert calls == ["old"]  # more rows than the magic GEMV takes
 
 
 @pytest.mark.skipif(RUNNABLE, reason="the kernel tests ran in this process")

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..kernels.gptq_matmul import (dequantize_planar, gptq_matmul_ref, kernel_supports, pack_factor, pack_planar,
-                                   use_triton)
+from ..kernels.gemv import pick
+from ..kernels.gptq_matmul import (MAGIC_MAX_ROWS, dequantize_planar, gptq_matmul_ref, kernel_supports, pack_factor,
+                                   pack_planar, use_triton)
 
 PLANAR_FORMAT = "nanoqwen-gptq-planar-v1"  # name of the repacked layout: a converter can record it in its metadata
 OFFICIAL_KEYS = ("qweight", "qzeros", "scales", "g_idx")  # + optional "bias"
@@ -170,9 +171,11 @@ class GPTQLinear(nn.Module):
     `load_state_dict` also accepts the official tensors (qweight, qzeros, scales, g_idx, bias) and repacks them;
     int32 tensors arriving as floats are refused. `.to(dtype)` casts only the float buffers (PyTorch leaves
     integer buffers alone); keep scales fp16 for parity with the reference.
-    forward: Triton kernels on CUDA (or with NANOQWEN_KERNELS=triton), else dequantize-then-matmul in torch.
-    When the input needs a gradient (Q-LoRA: LoRA trained on a frozen GPTQ base), the same forward runs inside
-    `DequantMatmul`, whose backward gives dx = dy @ W through the dequantized weight.
+    forward: Triton kernels on CUDA (or with NANOQWEN_KERNELS=triton), else dequantize-then-matmul in torch. Up to
+    MAGIC_MAX_ROWS rows, the old split-K kernel and the magic-number GEMV are both candidates (kernels/gemv.py `pick`:
+    timed once per shape on the GPU, NANOQWEN_GEMV forces either). When the input needs a gradient (Q-LoRA: LoRA
+    trained on a frozen GPTQ base), the same forward runs inside `DequantMatmul`, whose backward gives
+    dx = dy @ W through the dequantized weight.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = True,
@@ -192,6 +195,7 @@ class GPTQLinear(nn.Module):
         self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device)
                              if act_order else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=scales_dtype, device=device) if bias else None)
+        self._sym_key, self._sym = None, False  # whether every zero is 2^(bits-1), for the zeros' (ptr, version)
 
     # -- construction
     @classmethod
@@ -277,13 +281,30 @@ class GPTQLinear(nn.Module):
         return self.matmul(x)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """y = x @ W.T + bias, no autograd: the kernel or the torch reference."""
-        if use_triton(x.device) and kernel_supports(self.group_size):
-            from ..kernels.gptq_matmul import gptq_matmul
-            return gptq_matmul(x, self.qweight_planar, self.scales, self.zeros, self.bits, self.group_size,
-                               self.bias, self.perm)
-        return gptq_matmul_ref(x, self.qweight_planar, self.scales, self.zeros, self.bits, self.group_size,
-                               self.bias, self.perm)
+        """y = x @ W.T + bias, no autograd: a kernel (the faster of the two for decode-sized inputs) or the torch
+        reference."""
+        args = (x, self.qweight_planar, self.scales, self.zeros, self.bits, self.group_size, self.bias, self.perm)
+        if not use_triton(x.device):
+            return gptq_matmul_ref(*args)
+        from ..kernels.gptq_matmul import gptq_gemv, gptq_matmul
+        base = gptq_matmul if kernel_supports(self.group_size) else gptq_matmul_ref
+        if not 0 < x.numel() <= MAGIC_MAX_ROWS * self.in_features:
+            return base(*args)
+        sym = self._symmetric()
+        candidates = {"gptq": lambda: base(*args), "magic": lambda: gptq_gemv(*args, sym=sym)}
+        kind = f"gptq{self.bits}g{self.group_size}{'s' if sym else ''}{'p' if self.perm is not None else ''}"
+        return candidates[pick(kind, x, self.out_features, self.in_features, candidates)]()
+
+    def _symmetric(self) -> bool:
+        """Every zero point is 2^(bits-1) (symmetric quantization, as Qwen's checkpoints): checked once per version
+        of the zeros (one host sync, in the eager warm-up), never inside a CUDA-graph capture (then False, which is
+        correct for any zeros, only slower)."""
+        key = (self.zeros.data_ptr(), self.zeros._version)
+        if key != self._sym_key:
+            if self.zeros.is_cuda and torch.cuda.is_current_stream_capturing():
+                return False
+            self._sym_key, self._sym = key, bool((self.zeros == 2 ** (self.bits - 1)).all())
+        return self._sym
 
     def dequantize(self) -> torch.Tensor:
         """fp32 W [out, in] (the nn.Linear weight), original input order."""
