@@ -100,11 +100,11 @@ echo "gpu_check commit $COMMIT, deadline ${DEADLINE_S} s$([ "$DRY" = 1 ] && echo
 # ---- the steps, most valuable first. One line each: step NAME CAP_SECONDS COMMAND... (caps from estimates:
 # correct them from the step times in results.json after a real run)
 step decode 160 "$PY" benchmarks/decode.py           # batch-1 bf16/int4/int8 x greedy/chat vs roofline, fastref
-step gpu_tests 75 "$PY" -m pytest -q -x -p no:cacheprovider -k "bfloat16 or cuda" tests/test_kernels.py tests/test_kv_int8_kernels.py tests/test_sampling.py tests/test_lora_kernels.py  # bf16 kernels, sampler graphs
+step gpu_tests 90 "$PY" -m pytest -q -x -p no:cacheprovider -k "bfloat16 or cuda" tests/test_gemv.py tests/test_gptq_kernels.py tests/test_kernels.py tests/test_kv_int8_kernels.py tests/test_sampling.py tests/test_lora_kernels.py  # bf16 kernels, GEMV pick, sampler graphs
+step gptq 120 "$PY" benchmarks/gptq_bench.py         # int4/int8 GEMV (old vs magic-number) and bf16 GEMV vs cuBLAS
 step kernels 45 "$PY" benchmarks/kernels.py          # prefill vs SDPA; paged decode engine launch vs ideal vs copy
-step sampler 40 "$PY" benchmarks/sampler.py --batches 1 64 256 --candidates 1024 4096  # vs a sort-based sampler
 step throughput 130 "$PY" benchmarks/throughput.py   # 256 requests vs HF and fastref static batches
-step gptq 45 "$PY" benchmarks/gptq_bench.py          # int4/int8 GEMV and matmuls vs bf16 cuBLAS
+step sampler 40 "$PY" benchmarks/sampler.py --batches 1 64 256 --candidates 1024 4096  # vs a sort-based sampler
 step kv_int8 35 "$PY" benchmarks/kv_int8.py          # int8 KV: bytes, sequences per memory, decode attention
 step lora 40 "$PY" benchmarks/lora.py                # unmerged LoRA: decode with 0, 1 and 4 adapters in a batch of 32
 # ---- other benchmarks go here, one line each (serve: on a GPU later), with caps that fit

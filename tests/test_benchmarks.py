@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHECK = ROOT / "benchmarks" / "gpu_check.sh"
 # where the benchmarks look for the shared baselines (benchmarks/throughput.py BASELINE_DIRS)
 HAVE_FASTREF = any((d / "fastref.py").is_file() for d in (ROOT / ".bench", ROOT.parent / "shared" / "bench"))
-STEPS = ["decode", "gpu_tests", "kernels", "sampler", "throughput", "gptq", "kv_int8", "lora", "ceilings", "gemv_anchor"]
+STEPS = ["decode", "gpu_tests", "gptq", "kernels", "throughput", "sampler", "kv_int8", "lora", "ceilings", "gemv_anchor"]
 
 
 @pytest.fixture(scope="module")
