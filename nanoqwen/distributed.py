@@ -497,7 +497,8 @@ class TensorParallel:
                         self.errors[rank] = text
                 self.procs[rank].join(timeout=5)
                 self._drain(rank)
-                raise TensorParallelError(self._death(rank) + ", while starting")
+                hint = "" if rank in self.errors else " (its output above says why)"
+                raise TensorParallelError(f"{self._death(rank)}, while starting{hint}")
 
     def _watch(self) -> None:
         """Monitor thread: a worker exiting while the engine runs breaks the group."""
@@ -534,6 +535,7 @@ class TensorParallel:
 
     def _death(self, rank: int) -> str:
         p = self.procs[rank]
+        p.join(timeout=2)  # its sentinel can fire a moment before the exit status is there
         code = p.exitcode
         how = "is still running" if code is None else f"was killed by {signal.Signals(-code).name}" if code < 0 \
             else f"exited with code {code}"
@@ -569,8 +571,12 @@ class TensorParallel:
     def check(self) -> None:
         """Raise if the group is broken."""
         if self.failure is not None:
-            raise TensorParallelError(f"{self.failure}. The tensor-parallel engine cannot continue without it: "
-                                      "close() it and build a new LLM (restart the server)")
+            raise TensorParallelError(self._unusable())
+
+    def _unusable(self) -> str:
+        end = "" if self.failure.endswith((".", "?", "!")) else "."
+        return (f"{self.failure}{end} The tensor-parallel engine cannot continue: close() it and build a new LLM "
+                "(restart the server)")
 
     def stage_tables(self, cols: list[int], vals: list[int]) -> None:
         """Block-table entries (flat index, block) appended on rank 0: sent with the next step."""
@@ -590,8 +596,7 @@ class TensorParallel:
                 yield
             except BaseException as e:
                 self._fail(e)
-                raise TensorParallelError(f"{self.failure}. The tensor-parallel engine cannot continue: close() it "
-                                          "and build a new LLM (restart the server)") from e
+                raise TensorParallelError(self._unusable()) from e
 
     def _fail(self, error: BaseException) -> None:
         deadline = time.monotonic() + (FAILURE_GRACE_S if self.procs else 0)
@@ -733,10 +738,8 @@ class Worker:
         self.model(self.ids[:b], meta, self.kv_cache)
 
 
-def _exit_with_parent() -> None:
+def _exit_with_parent(parent: int) -> None:
     """A worker outlives no rank 0: poll the parent (a worker stuck in a collective cannot notice otherwise)."""
-    parent = os.getppid()
-
     def watch():
         while True:
             time.sleep(0.5)
@@ -746,22 +749,28 @@ def _exit_with_parent() -> None:
 
 
 def _spawned_worker(rank: int, world: int, device: str, addr: str, port: int, conn) -> None:
-    """Entry point of a worker spawned by rank 0."""
+    """Entry point of a worker spawned by rank 0. It leaves with os._exit: nothing to flush but stderr, and the
+    interpreter's teardown would only delay rank 0's shutdown."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it stops the workers
-    _exit_with_parent()
+    parent = os.getppid()
+    _exit_with_parent(parent)
     try:
         conn.send(("ready", None))
         group = _init_groups(rank, world, torch.device(device), f"tcp://{addr}:{port}")
         Worker(group).serve()
-    except BaseException:
-        text = traceback.format_exc()
-        with contextlib.suppress(Exception):
-            conn.send(("error", text))
-        sys.stderr.write(f"nanoqwen tensor-parallel worker rank {rank}:\n{text}")
+        dist.destroy_process_group()
+    except BaseException as e:
+        if os.getppid() != parent:  # rank 0 is gone: its own error says why, this one is only the echo
+            sys.stderr.write(f"nanoqwen tensor-parallel worker rank {rank}: rank 0 is gone ({e}); exiting\n")
+        else:
+            text = traceback.format_exc()
+            with contextlib.suppress(Exception):
+                conn.send(("error", text))
+            sys.stderr.write(f"nanoqwen tensor-parallel worker rank {rank} failed:\n{text}")
         sys.stderr.flush()
         os._exit(1)
-    with contextlib.suppress(Exception):
-        dist.destroy_process_group()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def serve_if_torchrun_worker(world: int, device) -> None:
