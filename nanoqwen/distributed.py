@@ -76,6 +76,10 @@ class TensorParallelError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------- one rank's group
 
+# the same collective under its newer name (the old one warns in recent PyTorch)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class TPGroup:
     """One rank's view of the tensor-parallel group: the collectives the sharded forward uses (`group`: NCCL on CUDA,
     gloo on the CPU; None: the default group) and, for an engine, the gloo group of rank 0's messages (`ctrl`)."""
@@ -98,13 +102,13 @@ class TPGroup:
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's `x` on every rank (in place when `x` is contiguous)."""
         x = x.contiguous()
-        dist.broadcast(x, group=self.group, group_src=0)
+        dist.broadcast(x, group=self.group, src=0)
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """[world, *x.shape]: every rank's x, in rank order."""
         out = x.new_empty((self.world * x.shape[0],) + tuple(x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
+        _all_gather(out, x.contiguous(), group=self.group)
         return out.view((self.world,) + tuple(x.shape))
 
     def min_over_ranks(self, value: int) -> int:
@@ -370,17 +374,17 @@ class _Channel:
         k = min(len(data), self.SIZE - 8)
         self.view[:8] = np.frombuffer(struct.pack("<q", len(data)), dtype=np.uint8)
         self.view[8:8 + k] = np.frombuffer(data, dtype=np.uint8, count=k)
-        dist.broadcast(self.buf, group=self.group, group_src=0)
+        dist.broadcast(self.buf, group=self.group, src=0)
         if len(data) > k:
-            dist.broadcast(torch.frombuffer(bytearray(data[k:]), dtype=torch.uint8), group=self.group, group_src=0)
+            dist.broadcast(torch.frombuffer(bytearray(data[k:]), dtype=torch.uint8), group=self.group, src=0)
 
     def recv(self):
-        dist.broadcast(self.buf, group=self.group, group_src=0)
+        dist.broadcast(self.buf, group=self.group, src=0)
         n = struct.unpack("<q", self.view[:8].tobytes())[0]
         data = self.view[8:8 + min(n, self.SIZE - 8)].tobytes()
         if n > len(data):
             rest = torch.empty(n - len(data), dtype=torch.uint8)
-            dist.broadcast(rest, group=self.group, group_src=0)
+            dist.broadcast(rest, group=self.group, src=0)
             data += rest.numpy().tobytes()
         return pickle.loads(data)
 
