@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 START_TIMEOUT_S = 300  # spawned workers import torch and nanoqwen (and set up CUDA) before they join
-COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # one collective: generous, a CPU prefill can be slow; failures do not wait for it
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # generous (a CPU prefill can be slow); failures do not wait for it
 IDLE_TIMEOUT = timedelta(days=365)  # a worker waits for rank 0's next message as long as the engine lives
 FAILURE_GRACE_S = 3.0  # how long a failed step waits for the monitor to name the worker that died
 
@@ -457,7 +457,7 @@ class TensorParallel:
                 self._spawn(addr, port)
                 self.group = _init_groups(0, world, device, f"tcp://{addr}:{port}")
         except BaseException:
-            self._kill_workers()
+            self._kill_workers(graceful=False)
             raise
         self.channel = _Channel(self.group.ctrl)
         if self.procs:
@@ -697,8 +697,7 @@ class Worker:
         self.tables_host = np.zeros((n + 1, self.max_blocks), dtype=np.int32)
         self.tables = torch.from_numpy(self.tables_host) if dev.type == "cpu" else \
             torch.zeros(n + 1, self.max_blocks, dtype=torch.int32, device=dev)
-        self.host = torch.zeros(6, n, dtype=torch.long, pin_memory=dev.type == "cuda")
-        self.rows = self.host if dev.type == "cpu" else torch.zeros(6, n, dtype=torch.long, device=dev)
+        self.rows = torch.zeros(6, n, dtype=torch.long, device=dev)  # a decode step's rows: the graphs' input
         self.ids = torch.zeros(n, dtype=torch.long, device=dev)  # rank 0's tokens land here (the broadcast)
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.capture = kw["cuda_graphs"] and dev.type == "cuda"
@@ -715,9 +714,7 @@ class Worker:
         self.model(tokens, meta, self.kv_cache)
 
     def on_decode(self, bucket: int, rows: np.ndarray) -> None:
-        self.host[:, :bucket] = torch.from_numpy(rows)
-        if self.rows is not self.host:
-            self.rows[:, :bucket].copy_(self.host[:, :bucket], non_blocking=True)
+        self.rows[:, :bucket].copy_(self.upload(np.ascontiguousarray(rows)), non_blocking=True)
         graph = self.graphs.get(bucket)
         if graph is not None:
             graph.replay()
@@ -759,8 +756,11 @@ def _spawned_worker(rank: int, world: int, device: str, addr: str, port: int, co
     parent = os.getppid()
     _exit_with_parent(parent)
     try:
+        device = torch.device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # (a device error shows before rank 0 waits for this worker to join)
         conn.send(("ready", None))
-        group = _init_groups(rank, world, torch.device(device), f"tcp://{addr}:{port}")
+        group = _init_groups(rank, world, device, f"tcp://{addr}:{port}")
         Worker(group).serve()
         dist.destroy_process_group()
     except BaseException as e:

@@ -237,7 +237,8 @@ def _rank_main(rank, world, port, jobs, out_dir):
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["N2", "N4"])
 def sharded(request, ckpts, tmp_path_factory):
-    """Sharded forwards on `world` gloo processes: N=2 every model, N=4 the golden fp model (its int4 split at N=4 is checked slice by slice above)."""
+    """Sharded forwards on `world` gloo processes: N=2 every model, N=4 the golden fp model (the int4 model's split
+    at N=4 is checked slice by slice above)."""
     import torch.multiprocessing as mp
     world = request.param
     names = list(ckpts) if world == 2 else ["qwen-tiny"]

@@ -247,7 +247,7 @@ class LLM:
     running = property(lambda self: self.scheduler.running)
     num_preemptions = property(lambda self: self.scheduler.num_preemptions)
     graphs = property(lambda self: self.runner.graphs)
-    num_kv_heads = property(lambda self: self.model.transformer.h[0].attn.n_head)  # this rank's, under tensor parallelism
+    num_kv_heads = property(lambda self: self.model.transformer.h[0].attn.n_head)  # this rank's, under TP
 
     def _start_tensor_parallel(self, folder, device, dtype, world: int, addr, port) -> Qwen:
         """Start (or join) the workers and load rank 0's shard."""
