@@ -414,8 +414,9 @@ def free_port() -> int:
 
 
 def torchrun_rank() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) when this process was started by torchrun (the env:// variables), else None."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    """(rank, world size, local rank) when this process is one of several started by torchrun (the env://
+    variables), else None."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 

@@ -192,6 +192,35 @@ def test_shards_are_exact_slices(ckpts, name, world):
         assert any(not torch.equal(f, torch.arange(len(f)) + f.min()) for f in features[0])  # a real permutation
 
 
+@pytest.mark.parametrize("name", ["qwen-tiny", "qwen-tiny-int4", "gptq-odd-groups"])
+def test_each_rank_reads_only_its_slices(ckpts, name, monkeypatch):
+    """No rank reads a whole copy: over both ranks every split tensor is read once, the norms twice (replicated),
+    and a row split's planar words once plus the one chunk of words the two ranks' rows share at their border."""
+    from nanoqwen.checkpoint import ST_DTYPES, SliceReader
+    from nanoqwen.kernels.gptq_matmul import _PLANE
+    read = {}
+    original = SliceReader.read
+
+    def counting(self, tensor, dim=0, parts=None):
+        t = original(self, tensor, dim, parts)
+        read[tensor] = read.get(tensor, 0) + t.numel() * t.element_size()
+        return t
+    monkeypatch.setattr(SliceReader, "read", counting)
+    for rank in range(2):
+        load_model(ckpts[name], "cpu", torch.float32, tp=TPGroup(rank, 2, "cpu"))
+    meta = SliceReader(ckpts[name], QwenConfig.from_json(ckpts[name])).meta
+    assert set(read) == set(meta)
+    for tensor, nbytes in read.items():
+        dtype, shape = meta[tensor]
+        full = ST_DTYPES[dtype] * torch.Size(shape).numel()
+        if tensor.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            assert nbytes == 2 * full, tensor
+        elif tensor.endswith("c_proj.qweight_planar"):
+            assert full <= nbytes <= full + _PLANE * shape[1] * 4, tensor
+        else:
+            assert nbytes == full, tensor
+
+
 def test_official_folder_refused(golden):
     from nanoqwen.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="convert it once"):
