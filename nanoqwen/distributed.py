@@ -446,6 +446,7 @@ class TensorParallel:
         self.failure: str | None = None
         self._closing = self._closed = False
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()  # one message at a time (a server's shutdown may race its engine thread)
         self._tables: tuple[list, list] = ([], [])
         launched = torchrun_rank()
         try:
@@ -597,7 +598,8 @@ class TensorParallel:
         delta = (np.array(tables[0], dtype=np.int64), np.array(tables[1], dtype=np.int64)) if tables[0] else None
         with _deferred_sigint():
             try:
-                self.channel.send((kind, delta, *payload))
+                with self._send_lock:
+                    self.channel.send((kind, delta, *payload))
                 yield
             except BaseException as e:
                 self._fail(e)
@@ -636,7 +638,7 @@ class TensorParallel:
         self._closed = self._closing = True
         atexit.unregister(self.shutdown)
         if self.failure is None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), self._send_lock:
                 self.channel.send(("stop", None))
         self._kill_workers(graceful=self.failure is None)
         for conn in self.pipes.values():

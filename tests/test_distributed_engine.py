@@ -382,3 +382,17 @@ def test_cuda_worker_killed_releases_rank_0(conv):
         assert time.monotonic() - t0 < 30
     finally:
         llm.close()
+
+
+def test_benchmark_tiny(tmp_path):
+    """benchmarks/tp.py --tiny runs the whole path (random checkpoint, N = 1 and 2) and writes its JSON row by row."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", OUT=str(tmp_path))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tp.py"), "--tiny", "--sizes", "1", "2",
+                        "--workdir", str(tmp_path / "ckpt")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "tp_tiny.json").read_text())
+    assert [row["tensor_parallel_size"] for row in res["rows"]] == [1, 2]
+    for row in res["rows"]:
+        assert row["decode_tok_s"] > 0 and row["throughput_tok_s"] > 0 and row["startup_s"] > 0
+        assert 0 <= row["tokens_equal_to_first_size"] <= res["new_tokens"]
+    assert [row["kv_heads_per_rank"] for row in res["rows"]] == [4, 2]

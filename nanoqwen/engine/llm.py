@@ -253,10 +253,11 @@ class LLM:
         """Start (or join) the workers and load rank 0's shard."""
         from ..checkpoint import default_dtype, gptq_config, parse_dtype
         from ..config import QwenConfig
-        from ..distributed import TensorParallel, check_tensor_parallel
+        from ..distributed import TensorParallel, check_tensor_parallel, torchrun_rank
         cfg = QwenConfig.from_json(folder)
         check_tensor_parallel(cfg, world)  # before any process starts
-        if device.type == "cuda" and (device.index or 0) + world > torch.cuda.device_count():
+        spawned = torchrun_rank() is None  # (torchrun places one rank per GPU, over nodes)
+        if spawned and device.type == "cuda" and (device.index or 0) + world > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs from {device} on, but this machine has "
                              f"{torch.cuda.device_count()}: lower it, or start the ranks with torchrun over nodes")
         dtype = parse_dtype(dtype) or default_dtype(device, quantized=gptq_config(cfg) is not None)
