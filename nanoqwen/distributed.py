@@ -29,10 +29,11 @@ column splits are free; a row split must fall on quantization-group boundaries, 
 does not divide: Qwen-14B's MLP has 13696 / 128 = 107 groups, so 54 and 53 at N = 2 (vLLM refuses it:
 vllm-project/vllm#2699). With act-order (g_idx permuted) mlp.c_proj's rows are stored in group order with a `perm`
 of the MLP features; since those features are internal to the MLP, each rank takes the features of whole groups in
-that order (w2_w1's columns gathered by the same permutation), and its c_proj slice needs no permutation at all.
-Attention c_proj's input features are tied to heads, so when its groups do not fall on the heads' boundaries
-(act-order, or a group wider than a rank's heads) each rank keeps the whole layer and multiplies its heads' features
-placed among zeros: exact, at the cost of the full layer's weights on every rank (`RowParallel.pad`).
+that order (w2_w1's columns gathered by the same permutation: that tensor is read whole, a permutation being no
+slice), and its c_proj slice needs no permutation at all. Attention c_proj's input features are tied to heads, so
+when its groups do not fall on the heads' boundaries (act-order, or a group wider than a rank's heads) each rank
+keeps the whole layer and multiplies its heads' features placed among zeros: exact, at the cost of the full layer's
+weights on every rank (`RowParallel.pad`).
 
 Failure. A monitor thread on rank 0 watches the spawned workers; a worker that raises reports its traceback and
 exits; a worker that exits for any reason breaks the group: rank 0 aborts the collectives (NCCL) or sees gloo's
@@ -575,9 +576,11 @@ class TensorParallel:
 
     # ------------------------------------------------------------------------------------------- messages
     def check(self) -> None:
-        """Raise if the group is broken."""
+        """Raise if the group is broken or closed."""
         if self.failure is not None:
             raise TensorParallelError(self._unusable())
+        if self._closed:
+            raise TensorParallelError("this tensor-parallel engine was closed: build a new LLM")
 
     def _unusable(self) -> str:
         end = "" if self.failure.endswith((".", "?", "!")) else "."
@@ -646,6 +649,9 @@ class TensorParallel:
         if dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+        # free the process groups here: the monitor thread may drop the last reference to this object at interpreter
+        # exit, and a group freed by a daemon thread then aborts the process (pybind11 re-takes the GIL)
+        self.channel = self.group.ctrl = None
 
 
 # ----------------------------------------------------------------------------------------------- workers
