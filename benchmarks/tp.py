@@ -123,7 +123,7 @@ def main() -> None:
     args = p.parse_args()
     if args.tiny:
         args.shape, args.dtype, args.new_tokens, args.requests, args.prompt_len = "tiny", "float32", 16, 8, 16
-        engine_kw = dict(device="cpu", num_kv_blocks=256, max_model_len=256)
+        engine_kw = dict(device="cpu", cpu_kv_cache_gib=2 / 1024, max_model_len=256)  # 2 MiB per rank
     else:
         engine_kw = {}
     dtype = getattr(torch, args.dtype)

@@ -396,3 +396,5 @@ def test_benchmark_tiny(tmp_path):
         assert row["decode_tok_s"] > 0 and row["throughput_tok_s"] > 0 and row["startup_s"] > 0
         assert 0 <= row["tokens_equal_to_first_size"] <= res["new_tokens"]
     assert [row["kv_heads_per_rank"] for row in res["rows"]] == [4, 2]
+    one, two = res["rows"]  # the same memory per rank holds each rank's heads only: twice the tokens
+    assert two["kv_tokens_per_rank"] == 2 * one["kv_tokens_per_rank"]
