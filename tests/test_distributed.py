@@ -254,7 +254,7 @@ def _rank_main(rank, world, port, jobs, out_dir):
         for name, folder, cases in jobs:
             results = {}
             for dtype in (torch.float32, torch.float64):
-                model = load_model(folder, "cpu", dtype, tp=TPGroup(rank, world, "cpu"))
+                model = load_model(folder, "cpu", dtype, tp=TPGroup.from_default_group("cpu"))  # (torchrun's way)
                 with torch.no_grad():
                     for case, ids in cases.items():
                         results[f"{case}/{dtype}"] = model(torch.tensor([ids]))[0]
