@@ -367,17 +367,23 @@ def _umask() -> int:
     return mask
 
 
-def iter_converted(folder: Path, cfg: QwenConfig, dtype: torch.dtype, device="cpu"):
-    """Yield (name, tensor) from a nanoqwen folder, checked against the config."""
+def converted_tensors(folder: Path, cfg: QwenConfig) -> tuple[dict[str, Path], dict]:
+    """name -> file and name -> (dtype, shape) of a nanoqwen folder, checked against the config."""
     marker = json.loads((folder / FORMAT_FILE).read_text())
     if marker.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{folder} was converted by a different nanoqwen version (format "
                               f"{marker.get('version')}, this one reads {FORMAT_VERSION}); convert the official "
                               "checkpoint again with convert_checkpoint.py")
-    quantized = cfg.quantization_config is not None
     where, meta = tensor_locations(folder)
     optional = {n for n in meta if n.endswith(".perm")}  # act-order GPTQ only
     check_tensors(meta, {**nanoqwen_shapes(cfg), **{n: meta[n][1] for n in optional}}, folder, "converted checkpoint")
+    return where, meta
+
+
+def iter_converted(folder: Path, cfg: QwenConfig, dtype: torch.dtype, device="cpu"):
+    """Yield (name, tensor) from a nanoqwen folder, checked against the config."""
+    quantized = cfg.quantization_config is not None
+    where, meta = converted_tensors(folder, cfg)
     total = sum(_nbytes(*m) for m in meta.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {folder.name}",
               disable=total < PROGRESS_MIN_BYTES) as bar:
@@ -389,15 +395,45 @@ def iter_converted(folder: Path, cfg: QwenConfig, dtype: torch.dtype, device="cp
                         yield name, _cast(name, h.get_tensor(name), dtype, quantized)
 
 
+class SliceReader:
+    """Parts of a converted checkpoint's tensors, read from the memory-mapped safetensors: only the rows or columns
+    asked for are copied (under tensor parallelism each rank reads its shard, never a whole copy of the model)."""
+
+    def __init__(self, folder: Path, cfg: QwenConfig):
+        self.folder = Path(folder)
+        self.where, self.meta = converted_tensors(self.folder, cfg)
+        self._handles = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.meta
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.meta[name][1]
+
+    def read(self, name: str, dim: int = 0, parts=None) -> torch.Tensor:
+        """The tensor `name` on the CPU; `parts` along `dim`: None (all of it), a list of (start, stop) ranges
+        (concatenated in order), or an index tensor (the whole tensor is read once, then indexed)."""
+        f = self.where[name]
+        if f not in self._handles:
+            self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+        sl = self._handles[f].get_slice(name)
+        if parts is None or isinstance(parts, torch.Tensor):
+            t = sl[:]
+            return t if parts is None else t.index_select(dim, parts.long())
+        pieces = [sl[a:b] if dim == 0 else sl[:, a:b] for a, b in parts]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
 # ----------------------------------------------------------------------------------------------- loading
 
 def load_model(path, device=None, dtype=None, lora=None, use_dynamic_ntk: bool | None = None,
-               use_logn_attn: bool | None = None):
+               use_logn_attn: bool | None = None, tp=None):
     """A `Qwen` from a converted nanoqwen folder or an official folder (converted in memory, never written).
     `lora`: a PEFT LoRA adapter folder merged into the weights (see nanoqwen.lora; refused for GPTQ checkpoints).
     `use_dynamic_ntk` / `use_logn_attn`: override config.json's long-context switches for this model (None: keep
     them). Every path reads them from `model.config`: the model's forward (LogN, the NTK row of `model(input_ids)`),
-    the Triton kernels (through the step's metadata) and the engine's scheduler (a sequence's NTK row)."""
+    the Triton kernels (through the step's metadata) and the engine's scheduler (a sequence's NTK row).
+    `tp`: a nanoqwen.distributed.TPGroup: this rank's shard of a converted folder (nanoqwen.distributed)."""
     from .model import Qwen
 
     folder = Path(path)
@@ -413,6 +449,12 @@ def load_model(path, device=None, dtype=None, lora=None, use_dynamic_ntk: bool |
             setattr(cfg, name, value)
     g = gptq_config(cfg)
     dtype = parse_dtype(dtype) or default_dtype(device, quantized=g is not None)
+    if tp is not None:
+        if lora is not None:
+            raise ValueError("LoRA adapters cannot be merged into a tensor-parallel shard: run with "
+                             "tensor_parallel_size=1 to use LoRA")
+        from .distributed import load_shard
+        return load_shard(folder, cfg, device, dtype, tp)
     if lora is not None:  # checked before the weights load
         from .lora import adapter_for_merging, merge_adapter
         adapter = adapter_for_merging(lora, cfg, str(folder))

@@ -43,6 +43,11 @@ def parse_args(argv=None, prog="python -m nanoqwen.generate"):
                         "chunk-wide truncation, for parity)")
     p.add_argument("--lora", metavar="PATH", help="a PEFT LoRA adapter folder (as Qwen's finetune.py writes it), "
                    "merged into the weights at load time")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the model over N GPUs (cuda:0..N-1 from --device; N processes on the CPU). Under "
+                        "torchrun (every rank runs this command), N must equal the number of processes")
+    p.add_argument("--dist-addr", help="tensor parallelism: rendezvous address of rank 0 (default 127.0.0.1)")
+    p.add_argument("--dist-port", type=int, help="tensor parallelism: rendezvous port (default: a free one)")
     p.add_argument("--no-special-tokens", action="store_true",
                    help="base models: encode special-token text in the prompt (e.g. <|endoftext|>) as plain text "
                         "instead of as the special token (chat messages are always plain text)")
@@ -141,10 +146,12 @@ def main(argv=None, prog=None) -> int:
     args = parse_args(argv, **({"prog": prog} if prog else {}))
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .distributed import TensorParallelError
     from .engine import LLM
     try:
         llm = LLM(args.ckpt, device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache,
-                  kv_quant_mode=args.kv_quant_mode, lora=args.lora)
+                  kv_quant_mode=args.kv_quant_mode, lora=args.lora, tensor_parallel_size=args.tensor_parallel_size,
+                  dist_addr=args.dist_addr, dist_port=args.dist_port)
         params = sampling_params(llm, args)
         if args.prompt is None:
             interactive(llm, args, params)
@@ -156,6 +163,9 @@ def main(argv=None, prog=None) -> int:
     except (CheckpointError, ConfigError, OSError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TensorParallelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

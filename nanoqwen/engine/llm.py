@@ -9,6 +9,7 @@ either way; only `step()` reports each step's tokens one call later.
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import itertools
 import json
@@ -44,6 +45,41 @@ def _freeze_heap() -> None:
 
 
 _unfreeze_registered = False
+
+
+def profile_kv_blocks(model, n: int, utilization: float, per_block: int, useful: int, lora=None) -> int:
+    """KV-cache blocks that fit on the model's GPU: a `utilization` fraction of its memory, less what is in use and
+    the activations of the largest prefill the scheduler can build (`n` tokens, logits of the last row), profiled."""
+    device = model.device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    meta = AttentionMetadata.for_prefill([n], device, [0], logits_indices=torch.tensor([n - 1], device=device))
+    if lora is not None:
+        lora.set_token_indices(torch.full((n,), -1, dtype=torch.int32))
+    with torch.no_grad():
+        model(torch.zeros(n, dtype=torch.long, device=device), meta)
+        # and the prompt logprobs of a scoring step: n final hidden states, the head a slice of rows at a time
+        model.token_logprobs(torch.zeros(n, model.config.hidden_size, dtype=model.dtype, device=device),
+                             torch.zeros(n, dtype=torch.long, device=device), top_k=20)
+    torch.cuda.synchronize(device)
+    activations = torch.cuda.max_memory_allocated(device) - before
+    free, total = torch.cuda.mem_get_info(device)
+    budget = total * utilization - (total - free) - activations
+    return min(int(budget // per_block), useful)
+
+
+def _stop_workers_on_error(init):
+    """A constructor that fails after starting tensor-parallel workers stops them before raising."""
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            if getattr(self, "tp", None) is not None:
+                self.tp.shutdown()
+            raise
+    return wrapper
 
 
 class RequestOutput:
@@ -139,21 +175,43 @@ class LLM:
     between adapters).
     KV cache size: `num_kv_blocks` blocks of `block_size` tokens if given; else on CUDA a `gpu_memory_utilization`
     fraction of the GPU memory left after the weights and a profiled forward; on the CPU `cpu_kv_cache_gib` GiB.
+    `tensor_parallel_size=N` splits every layer over N GPUs (cuda:0..N-1 from `device`'s index; on the CPU N
+    processes, for tests): this process is rank 0 and starts N - 1 workers (or joins the ranks torchrun started;
+    see nanoqwen.distributed), rendezvous at `dist_addr`:`dist_port` (default 127.0.0.1 and a free port). Every
+    size (num_kv_blocks, gpu_memory_utilization, cpu_kv_cache_gib) is per rank, and a rank's cache holds only its
+    heads. Not with LoRA adapters. Scripts that build one must guard their top level with
+    `if __name__ == "__main__":` (the workers are spawned processes that import the main module).
     """
 
+    @_stop_workers_on_error
     def __init__(self, ckpt, device=None, dtype=None, *, block_size: int = 16, num_kv_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, cpu_kv_cache_gib: float = 0.5, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, max_model_len: int = 32768, enable_prefix_caching: bool = True,
                  kv_cache_dtype: str | None = None, kv_quant_mode: str = "default", cuda_graphs: bool | None = None,
                  overlap: bool | None = None, progress: bool = True, tokenizer=None, lora=None,
                  enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 16,
-                 use_dynamic_ntk: bool | None = None, use_logn_attn: bool | None = None):
+                 use_dynamic_ntk: bool | None = None, use_logn_attn: bool | None = None,
+                 tensor_parallel_size: int = 1, dist_addr: str | None = None, dist_port: int | None = None):
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         for name, v in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                         ("max_num_batched_tokens", max_num_batched_tokens), ("max_model_len", max_model_len)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(tensor_parallel_size, int) or isinstance(tensor_parallel_size, bool) or \
+                tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer (GPUs to split the model over), got "
+                             f"{tensor_parallel_size!r}")
+        self.tp = None
+        if tensor_parallel_size > 1:
+            if isinstance(ckpt, Qwen):
+                raise ValueError("tensor_parallel_size > 1 loads each rank's shard from the checkpoint: pass the "
+                                 "checkpoint's name or folder, not a model already built")
+            if lora is not None or enable_lora:
+                raise ValueError("LoRA adapters are not supported with tensor_parallel_size > 1: run on one GPU "
+                                 "(tensor_parallel_size=1) to use them")
+            from ..distributed import serve_if_torchrun_worker
+            serve_if_torchrun_worker(tensor_parallel_size, device)  # under torchrun, ranks > 0 never return
         if isinstance(ckpt, Qwen):  # an already built model (benchmarks, research code); tokenizer= names its vocab
             want = resolve_device(device) if device is not None else ckpt.device
             if want.type != ckpt.device.type or want.index not in (None, ckpt.device.index):
@@ -169,8 +227,15 @@ class LLM:
         else:
             device = resolve_device(device)  # before any download or conversion: a bad device fails at once
             folder = resolve_checkpoint(ckpt, progress=progress, need_tokenizer=tokenizer is None)
-            self.model = load_model(folder, device, dtype, lora=lora, use_dynamic_ntk=use_dynamic_ntk,
-                                    use_logn_attn=use_logn_attn)  # default: bf16 on CUDA (fp16 GPTQ), fp32 CPU
+            if tensor_parallel_size > 1:
+                if use_dynamic_ntk is not None or use_logn_attn is not None:
+                    raise ValueError("use_dynamic_ntk / use_logn_attn are not supported with tensor_parallel_size > "
+                                     "1 yet: run the comparison on one GPU, or edit the converted config.json")
+                self.model = self._start_tensor_parallel(folder, device, dtype, tensor_parallel_size, dist_addr,
+                                                         dist_port)
+            else:
+                self.model = load_model(folder, device, dtype, lora=lora, use_dynamic_ntk=use_dynamic_ntk,
+                                        use_logn_attn=use_logn_attn)  # default: bf16 on CUDA (fp16 GPTQ), fp32 CPU
         self.device, self.dtype = self.model.device, self.model.dtype
         self.config, self.progress = self.model.config, progress
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer or folder)
@@ -192,7 +257,11 @@ class LLM:
         if num_kv_blocks < 1:
             raise ValueError(f"the KV cache got {num_kv_blocks} blocks: there is no memory left for it; lower "
                              "max_num_batched_tokens, raise gpu_memory_utilization or pass num_kv_blocks")
-        self.kv_cache = KVCache(cfg.num_hidden_layers, num_kv_blocks, block_size, cfg.num_attention_heads,
+        if self.tp is not None:
+            self.tp.setup_cache(num_blocks=num_kv_blocks, block_size=block_size, kv_cache_dtype=kv_cache_dtype,
+                                kv_quant_mode=kv_quant_mode, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                cuda_graphs=self.device.type == "cuda" if cuda_graphs is None else cuda_graphs)
+        self.kv_cache = KVCache(cfg.num_hidden_layers, num_kv_blocks, block_size, self.num_kv_heads,
                                 cfg.head_dim, self.dtype, self.device, kv_cache_dtype, kv_quant_mode)
         qwen_mode = self.kv_cache.quant_mode == "qwen"
         # qwen int8 mode quantizes each written chunk as one unit: a shared prefix block would carry another
@@ -204,7 +273,8 @@ class LLM:
                                    whole_prompt_chunks=qwen_mode)
         on_cuda = self.device.type == "cuda"
         self.runner = ModelRunner(self.model, self.kv_cache, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                  block_size=block_size, cuda_graphs=on_cuda if cuda_graphs is None else cuda_graphs)
+                                  block_size=block_size, cuda_graphs=on_cuda if cuda_graphs is None else cuda_graphs,
+                                  tp=self.tp)
         self.runner.lora = self.lora
         self.overlap = on_cuda if overlap is None else overlap
         self.requests: dict[int, Sequence] = {}
@@ -220,10 +290,29 @@ class LLM:
     running = property(lambda self: self.scheduler.running)
     num_preemptions = property(lambda self: self.scheduler.num_preemptions)
     graphs = property(lambda self: self.runner.graphs)
+    num_kv_heads = property(lambda self: self.model.transformer.h[0].attn.n_head)  # this rank's, under TP
+
+    def _start_tensor_parallel(self, folder, device, dtype, world: int, addr, port) -> Qwen:
+        """Start (or join) the workers and load rank 0's shard."""
+        from ..checkpoint import default_dtype, gptq_config, parse_dtype
+        from ..config import QwenConfig
+        from ..distributed import TensorParallel, check_tensor_parallel, torchrun_rank
+        cfg = QwenConfig.from_json(folder)
+        check_tensor_parallel(cfg, world)  # before any process starts
+        spawned = torchrun_rank() is None  # (torchrun places one rank per GPU, over nodes)
+        if spawned and device.type == "cuda" and (device.index or 0) + world > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs from {device} on, but this machine has "
+                             f"{torch.cuda.device_count()}: lower it, or start the ranks with torchrun over nodes")
+        dtype = parse_dtype(dtype) or default_dtype(device, quantized=gptq_config(cfg) is not None)
+        self.tp = TensorParallel(world, device, addr, port)
+        return self.tp.load(folder, dtype)
 
     def close(self) -> None:
-        """Free the KV cache and the CUDA graphs now (the model stays usable by its other owners)."""
+        """Free the KV cache and the CUDA graphs now (the model stays usable by its other owners); under tensor
+        parallelism, stop the workers."""
         self.runner.close()
+        if self.tp is not None:
+            self.tp.shutdown()
         self.kv_cache = self.runner.kv_cache = None
         self.scheduler.waiting.clear()
         self.scheduler.running.clear()
@@ -236,29 +325,16 @@ class LLM:
     # ------------------------------------------------------------------------------------------------ sizing
     def _auto_num_blocks(self, utilization: float, cpu_gib: float) -> int:
         cfg = self.config
-        per_block = KVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim,
+        per_block = KVCache.bytes_per_token(cfg.num_hidden_layers, self.num_kv_heads, cfg.head_dim,
                                             self.dtype, self.kv_cache_dtype) * self.block_size
         useful = self.max_num_seqs * -(-self.max_model_len // self.block_size)
         if self.device.type != "cuda":
             return max(1, min(int(cpu_gib * (1 << 30)) // per_block, useful))
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
         n = min(self.max_num_batched_tokens, self.max_model_len)
-        meta = AttentionMetadata.for_prefill([n], self.device, [0], logits_indices=torch.tensor([n - 1],
-                                                                                                device=self.device))
-        if self.lora is not None:
-            self.lora.set_token_indices(torch.full((n,), -1, dtype=torch.int32))
-        with torch.no_grad():  # profile the largest prefill the scheduler can build (logits of its last row only)
-            self.model(torch.zeros(n, dtype=torch.long, device=self.device), meta)
-            # and the prompt logprobs of a scoring step: n final hidden states, the head a slice of rows at a time
-            self.model.token_logprobs(torch.zeros(n, cfg.hidden_size, dtype=self.dtype, device=self.device),
-                                      torch.zeros(n, dtype=torch.long, device=self.device), top_k=20)
-        torch.cuda.synchronize(self.device)
-        activations = torch.cuda.max_memory_allocated(self.device) - before
-        free, total = torch.cuda.mem_get_info(self.device)
-        budget = total * utilization - (total - free) - activations
-        return min(int(budget // per_block), useful)
+        if self.tp is None:
+            return profile_kv_blocks(self.model, n, utilization, per_block, useful, self.lora)
+        with self.tp.step("profile", n, utilization, per_block, useful):  # every rank profiles; the least fits all
+            return self.tp.group.min_over_ranks(profile_kv_blocks(self.model, n, utilization, per_block, useful))
 
     # ------------------------------------------------------------------------------------------------ requests
     def encode(self, prompt, special_tokens: bool = True) -> list[int]:
@@ -279,6 +355,9 @@ class LLM:
         params = params if params is not None else self.default_params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if params.prompt_logprobs is not None and self.tp is not None:
+            raise ValueError("prompt logprobs (SamplingParams.prompt_logprobs, score, loglikelihood) are not "
+                             "supported with tensor_parallel_size > 1 yet: score on one GPU")
         lora_slot, lora_id = -1, None
         if params.lora is not None:
             if self.lora is None:

@@ -10,9 +10,13 @@ launch step n + 1 before it has read step n's tokens (overlap scheduling).
 Decode-only steps run through a static path padded to a batch-size bucket (pad rows: trash slot, cache slot -1,
 context 0), captured as CUDA graphs (forward + sampler + token store) per bucket and sampler variant; on the CPU the
 same static path runs eagerly (tests). Every other step (prefill chunks, mixed batches) runs eagerly, exact shapes.
+
+Under tensor parallelism (`tp`, a nanoqwen.distributed.TensorParallel) this runner is rank 0's: each forward is
+mirrored on the workers from the same host arrays (`EagerStep`, the decode rows), sent just before it.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import warnings
@@ -41,10 +45,49 @@ class LaunchedStep:
     event: torch.cuda.Event | None = None
 
 
+@dataclass
+class EagerStep:
+    """The host arrays of an eager step (two uploads) and its shape: what every tensor-parallel rank builds its
+    metadata from. `longs` = tokens, positions, slot mapping, NTK rows ([T] each), logits rows, slots, slots of the
+    sampled rows, LoRA adapter slots (sizes in `sizes`); `ints` = cu_seqlens [B + 1], context lengths [B]."""
+    longs: np.ndarray
+    ints: np.ndarray
+    sizes: list[int]
+    max_seqlen_q: int
+    max_context_len: int
+    is_decode: bool
+    width: int  # block-table columns the batch's longest context needs
+
+    def inputs(self, tables: torch.Tensor, upload) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor,
+                                                            torch.Tensor, torch.Tensor]:
+        """(tokens, metadata, slots of the sampled rows, LoRA slot of every token, the prompt tokens scored by the
+        logits rows after the sampled ones) on the device."""
+        longs, ints = upload(self.longs), upload(self.ints)
+        tokens, positions, slot_mapping, ntk, rows, slots, sampled_slots, lora, targets = longs.split(self.sizes)
+        B = self.sizes[5]
+        meta = AttentionMetadata(
+            cu_seqlens_q=ints[:B + 1], max_seqlen_q=self.max_seqlen_q, positions=positions, ntk_index=ntk,
+            slot_mapping=slot_mapping, block_tables=tables[slots, :self.width], context_lens=ints[B + 1:],
+            max_context_len=self.max_context_len, is_decode=self.is_decode, logits_indices=rows)
+        return tokens, meta, sampled_slots, lora, targets
+
+
+def decode_inputs(rows: torch.Tensor, b: int, tables: torch.Tensor, cu: torch.Tensor,
+                  max_context_len: int) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+    """(slots, metadata, LoRA slots) of a padded decode step of `b` rows from its static [6, >= b] integer rows
+    (slot, position, cache slot, NTK row, context length, LoRA slot): the same on every tensor-parallel rank."""
+    slot_ids, positions, slot_mapping, ntk, ctx, lora = rows[:, :b].unbind(0)
+    meta = AttentionMetadata(
+        cu_seqlens_q=cu[:b + 1], max_seqlen_q=1, positions=positions, ntk_index=ntk, slot_mapping=slot_mapping,
+        block_tables=tables[slot_ids], context_lens=ctx.int(), max_context_len=max_context_len, is_decode=True,
+        logits_indices=None)
+    return slot_ids, meta, lora
+
+
 class ModelRunner:
     def __init__(self, model, kv_cache: KVCache, *, max_num_seqs: int, max_model_len: int, block_size: int,
-                 cuda_graphs: bool):
-        self.model, self.kv_cache = model, kv_cache
+                 cuda_graphs: bool, tp=None):
+        self.model, self.kv_cache, self.tp = model, kv_cache, tp
         self.device = model.device
         self.block_size, self.max_model_len = block_size, max_model_len
         self.num_slots = max_num_seqs + 1  # the last row is the trash slot of pad rows
@@ -96,6 +139,12 @@ class ModelRunner:
         if cols and self.device.type != "cpu":
             flat = self._upload(np.array([cols, vals], dtype=np.int64))
             self.tables.view(-1).index_copy_(0, flat[0], flat[1].int())
+        if cols and self.tp is not None:
+            self.tp.stage_tables(cols, vals)
+
+    def _mirror(self, *message):
+        """Under tensor parallelism the workers run the forward inside this context too (nanoqwen.distributed)."""
+        return self.tp.step(*message) if self.tp is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------------------------- a step
     def launch(self, batch: list[tuple[Sequence, int]]) -> LaunchedStep:
@@ -145,6 +194,8 @@ class ModelRunner:
         tokens, their logprobs and the prompt logprobs, as lists (see LaunchedStep)."""
         if step.event is not None:
             step.event.synchronize()
+        if self.tp is not None:
+            self.tp.check()  # a worker lost meanwhile leaves this step's tokens unfinished
         ids = step.token_ids if isinstance(step.token_ids, list) else \
             step.token_ids.tolist() if step.token_ids is not None else []
         lp = tuple(t.tolist() for t in step.logprobs) if step.logprobs is not None else None
@@ -173,7 +224,7 @@ class ModelRunner:
         lora = np.zeros(0, dtype=np.int64)
         if self.lora is not None:
             lora = np.repeat(np.array([seq.lora_slot for seq, _ in batch], dtype=np.int64), lens)
-        tokens = np.empty(T, dtype=np.int64)
+        tokens = np.zeros(T, dtype=np.int64)  # (the rows filled on the device stay valid ids for the workers)
         pending_rows = []  # rows whose input is a token sampled on the device and not read by the host yet
         for i, (seq, n) in enumerate(batch):
             a, b, known = int(starts[i]), int(ends[i]), len(seq.token_ids)
@@ -183,31 +234,29 @@ class ModelRunner:
         sampled_rows = np.nonzero(ends == np.array([seq.num_tokens for seq, _ in batch]))[0]
         logits_rows = cu[1:][sampled_rows] - 1
         prompt_rows, targets, scored = self._prompt_logprob_rows(batch, starts, ends, cu)
-        longs = self._upload(np.concatenate([tokens, positions, slot_mapping, ntk, logits_rows, prompt_rows, slots,
-                                             slots[sampled_rows], lora, targets]))
-        ints = self._upload(np.concatenate([cu, ends]).astype(np.int32))
-        tokens_d, positions_d, slot_mapping_d, ntk_d, rows_d, slots_d, sampled_slots, lora_d, targets_d = longs.split(
-            [T, T, T, T, len(logits_rows) + len(prompt_rows), len(batch), len(sampled_rows), len(lora), len(targets)])
+        step = EagerStep(
+            np.concatenate([tokens, positions, slot_mapping, ntk, logits_rows, prompt_rows, slots, slots[sampled_rows],
+                            lora, targets]),
+            np.concatenate([cu, ends]).astype(np.int32),
+            [T, T, T, T, len(logits_rows) + len(prompt_rows), len(batch), len(sampled_rows), len(lora), len(targets)],
+            max_seqlen_q=int(lens.max()), max_context_len=int(ends.max()),
+            is_decode=bool((lens == 1).all()) and num_sampled == len(batch), width=max(-(-int(e) // bs) for e in ends))
+        tokens_d, meta, sampled_slots, lora_d, targets_d = step.inputs(self.tables, self._upload)
         if self.lora is not None:
             self.lora.set_token_indices(lora_d)  # the adapter slot of every token row (-1: none)
         if pending_rows:  # decodes of sequences whose last token the host has not read: take it on the device
             rows = torch.tensor([int(cu[i + 1]) - 1 for i in pending_rows], device=self.device)
             src = torch.tensor([batch[i][0].slot for i in pending_rows], device=self.device)
             tokens_d = tokens_d.index_copy(0, rows, self.last_tokens[src])
-        width = max(-(-int(e) // bs) for e in ends)
-        meta = AttentionMetadata(
-            cu_seqlens_q=ints[:len(batch) + 1], max_seqlen_q=int(lens.max()), positions=positions_d, ntk_index=ntk_d,
-            slot_mapping=slot_mapping_d, block_tables=self.tables[slots_d, :width], context_lens=ints[len(batch) + 1:],
-            max_context_len=int(ends.max()), is_decode=bool((lens == 1).all()) and num_sampled == len(batch),
-            logits_indices=rows_d)
-        if not scored:  # (through forward: tests and benchmarks hook it)
-            return self.model(tokens_d, meta, self.kv_cache), sampled_slots, None
-        # the sampled rows' logits, then the prompt rows' logprobs a slice of rows at a time (the head's [rows, vocab]
-        # logits of a long prompt must never exist at once)
-        hidden = self.model.hidden_states(tokens_d, meta, self.kv_cache)
-        k = min(max(seq.params.prompt_logprobs for seq, *_ in scored), self.model.config.vocab_size)
-        prompt = self.model.token_logprobs(hidden[len(logits_rows):], targets_d, k)
-        return self.model.logits(hidden[:len(logits_rows)]), sampled_slots, (scored, *prompt)
+        with self._mirror("eager", step):
+            if not scored:  # (through forward: tests and benchmarks hook it)
+                return self.model(tokens_d, meta, self.kv_cache), sampled_slots, None
+            # the sampled rows' logits, then the prompt rows' logprobs a slice of rows at a time (the head's
+            # [rows, vocab] logits of a long prompt must never exist at once)
+            hidden = self.model.hidden_states(tokens_d, meta, self.kv_cache)
+            k = min(max(seq.params.prompt_logprobs for seq, *_ in scored), self.model.config.vocab_size)
+            prompt = self.model.token_logprobs(hidden[len(logits_rows):], targets_d, k)
+            return self.model.logits(hidden[:len(logits_rows)]), sampled_slots, (scored, *prompt)
 
     def _prompt_logprob_rows(self, batch, starts, ends, cu) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
         """The rows of this step whose prompt logprobs are wanted: those of prompt tokens from each sequence's
@@ -256,6 +305,7 @@ class DecodeGraphs:
         # which waits for its copy, before it writes step n + 2)
         bufs = [torch.zeros(6, n, dtype=torch.long, pin_memory=runner.pinned) for _ in range(2 if runner.pinned else 1)]
         self.host_bufs, self._flip = bufs, 0
+        self.last_host = bufs[0].numpy()  # the rows last written (what tensor-parallel workers are sent)
         self.meta = bufs[0] if dev.type == "cpu" else torch.zeros(6, n, dtype=torch.long, device=dev)
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.graphs: dict[tuple, tuple] = {}  # (bucket, flags) -> (graph, (out, logits))
@@ -263,13 +313,9 @@ class DecodeGraphs:
 
     def _step(self, b: int, flags: SamplerFlags | None):
         r = self.runner
-        slot_ids, positions, slot_mapping, ntk, ctx, lora = self.meta[:, :b].unbind(0)
+        slot_ids, meta, lora = decode_inputs(self.meta, b, r.tables, self.cu, r.max_blocks * r.block_size)
         if r.lora is not None:
             r.lora.set_token_indices(lora)  # inside the graph: a device-to-device copy into the layers' buffer
-        meta = AttentionMetadata(
-            cu_seqlens_q=self.cu[:b + 1], max_seqlen_q=1, positions=positions, ntk_index=ntk,
-            slot_mapping=slot_mapping, block_tables=r.tables[slot_ids], context_lens=ctx.int(),
-            max_context_len=r.max_blocks * r.block_size, is_decode=True, logits_indices=None)
         logits = r.model(r.last_tokens[slot_ids], meta, r.kv_cache)
         out = r.sampler.sample(logits, slot_ids, flags)
         r.last_tokens.index_copy_(0, slot_ids, out.next_ids)
@@ -282,6 +328,7 @@ class DecodeGraphs:
         host = self.host_bufs[self._flip]
         self._flip = (self._flip + 1) % len(self.host_bufs)
         h, bs = host.numpy(), r.block_size
+        self.last_host = h
         seqs = [seq for seq, _ in batch]
         h[0, :b] = slots = [s.slot for s in seqs]  # whole rows at once: per-row work stays in list comprehensions
         h[1, :b] = [s.num_computed for s in seqs]
@@ -296,11 +343,12 @@ class DecodeGraphs:
         key = (bucket, flags)
         if self.capture and key not in self.graphs:
             self.capture_one(bucket, flags)
-        if key not in self.graphs:
-            out, logits = self._step(bucket, flags)
-        else:
-            graph, (out, logits) = self.graphs[key]
-            graph.replay()
+        with r._mirror("decode", bucket, h[:, :bucket]):
+            if key not in self.graphs:
+                out, logits = self._step(bucket, flags)
+            else:
+                graph, (out, logits) = self.graphs[key]
+                graph.replay()
         return out, logits, self.meta[0, :bucket]
 
     def capture_all(self, progress: bool) -> None:
@@ -308,10 +356,11 @@ class DecodeGraphs:
         if not self.capture:
             return
         t0 = time.perf_counter()
-        self.meta[0].fill_(self.runner.trash)  # every row a pad row while capturing
-        self.meta[2].fill_(-1)
-        self.meta[4].zero_()
-        self.meta[5].fill_(-1)
+        for buf in self.host_bufs:  # every row a pad row while capturing
+            buf.numpy()[:] = ((self.runner.trash,), (0,), (-1,), (0,), (0,), (-1,))
+        self.last_host = self.host_bufs[0].numpy()
+        if self.meta is not self.host_bufs[0]:
+            self.meta.copy_(self.host_bufs[0])
         for b in reversed(self.buckets):  # largest first: the smaller graphs reuse its memory pool
             for flags in STARTUP_FLAGS:
                 self.capture_one(b, flags, live=False)
@@ -334,7 +383,8 @@ class DecodeGraphs:
         saved = [t.clone() for t in state] if live else []
         try:
             with torch.no_grad():
-                self._step(bucket, flags)  # compile every kernel variant before capture
+                with r._mirror("decode", bucket, self.last_host[:, :bucket]):
+                    self._step(bucket, flags)  # compile every kernel variant before capture
                 for t, copy in zip(state, saved):
                     t.copy_(copy)
                 torch.cuda.synchronize()

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from ..kernels.gemv import pick
-from ..kernels.gptq_matmul import (MAGIC_MAX_ROWS, dequantize_planar, gptq_matmul_ref, kernel_supports, pack_factor,
-                                   pack_planar, use_triton)
+from ..kernels.gptq_matmul import (MAGIC_MAX_ROWS, chunk_rows, dequantize_planar, gptq_matmul_ref, kernel_supports,
+                                   pack_factor, pack_planar, unpack_planar, use_triton)
 
 PLANAR_FORMAT = "nanoqwen-gptq-planar-v1"  # name of the repacked layout: a converter can record it in its metadata
 OFFICIAL_KEYS = ("qweight", "qzeros", "scales", "g_idx")  # + optional "bias"
@@ -155,6 +155,24 @@ def repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_
     if perm is not None:
         out["perm"] = perm
     return out
+
+
+def planar_word_rows(start: int, stop: int, bits: int) -> tuple[int, int]:
+    """The planar word rows holding kernel-order rows start..stop-1 (whole chunks: a chunk's rows share its words)."""
+    chunk = chunk_rows(bits)
+    return start // chunk * 16, -(-stop // chunk) * 16
+
+
+def slice_planar_rows(words: torch.Tensor, bits: int, start: int, stop: int, in_features: int) -> torch.Tensor:
+    """Planar words of kernel-order rows start..stop-1 alone, from `words`: the word rows `planar_word_rows` names (of
+    a linear with `in_features` rows). Chunk-aligned slices are the words themselves; others are unpacked and
+    repacked (tensor parallelism splits a linear's input rows on group boundaries, which need not be chunks)."""
+    chunk = chunk_rows(bits)
+    if start % chunk == 0 and (stop % chunk == 0 or stop == in_features):
+        return words.contiguous()
+    base = start // chunk * chunk
+    q = unpack_planar(words, bits, words.shape[0] * pack_factor(bits))
+    return pack_planar(q[start - base:stop - base], bits)
 
 
 # ----------------------------------------------------------------------------------------------- the module

@@ -29,6 +29,11 @@ def parse_args(argv=None, prog="python -m nanoqwen.serve"):
     p.add_argument("--max-num-seqs", type=int, help="most requests in one batch (default: the engine's)")
     p.add_argument("--gpu-memory-utilization", type=float,
                    help="fraction of the GPU memory for weights, activations and the KV cache (default 0.9)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the model over N GPUs (cuda:0..N-1 from --device); under torchrun (every rank runs "
+                        "this command) N must equal the number of processes, and rank 0 serves")
+    p.add_argument("--dist-addr", help="tensor parallelism: rendezvous address of rank 0 (default 127.0.0.1)")
+    p.add_argument("--dist-port", type=int, help="tensor parallelism: rendezvous port (default: a free one)")
     p.add_argument("--lora", metavar="PATH", help="a PEFT LoRA adapter merged into the weights at load time")
     p.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH", default=[],
                    help="LoRA adapters served unmerged beside the base model, each as a model of its own (a request "
@@ -69,7 +74,8 @@ def main(argv=None, prog=None) -> int:
             engine_args.update(enable_lora=True, max_loras=max(args.max_loras, len(args.lora_modules)),
                                max_lora_rank=args.max_lora_rank)
         llm = LLM(args.ckpt, device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache,
-                  kv_quant_mode=args.kv_quant_mode, lora=args.lora, **engine_args)
+                  kv_quant_mode=args.kv_quant_mode, lora=args.lora, tensor_parallel_size=args.tensor_parallel_size,
+                  dist_addr=args.dist_addr, dist_port=args.dist_port, **engine_args)
         for name, path in args.lora_modules.items():
             llm.add_lora(name, path)
     except (CheckpointError, ConfigError, OSError, ValueError, TypeError) as e:
