@@ -124,7 +124,9 @@ class Scheduler:
         for seq in decodes + chunks:
             if seq.status != RUNNING or budget <= 0:
                 continue
-            n = self.chunk(seq, budget, oversize_ok)
+            # a sequence with one token to compute runs exactly it (in whole-prompt mode too: a prompt's last token)
+            n = 1 if len(seq.token_ids) + seq.num_pending - seq.num_computed == 1 else \
+                self.chunk(seq, budget, oversize_ok)
             if n == 0:
                 continue
             while seq.num_computed + n > len(seq.block_table) * bs and \
@@ -161,9 +163,11 @@ class Scheduler:
         """The batch was launched: its tokens count as computed (their prompt blocks enter the prefix cache) and
         each sampled sequence has a token pending. Not called when the launch failed, so a failed step changes
         nothing but the blocks it reserved, which the next schedule reuses."""
+        bs = self.blocks.block_size
         for seq, n in batch:
             seq.num_computed += n
-            self._register(seq)
+            if seq.num_computed // bs > seq.num_registered:  # a block may have just filled up
+                self._register(seq)
             if seq.prompt_logprobs_next is not None:  # the runner computed the prompt logprobs up to here
                 seq.prompt_logprobs_next = max(seq.prompt_logprobs_next, min(seq.num_computed + 1, seq.num_prompt))
         for seq in sampled:
