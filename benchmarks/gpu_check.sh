@@ -100,7 +100,7 @@ echo "gpu_check commit $COMMIT, deadline ${DEADLINE_S} s$([ "$DRY" = 1 ] && echo
 # ---- the steps, most valuable first. One line each: step NAME CAP_SECONDS COMMAND... (caps from estimates:
 # correct them from the step times in results.json after a real run)
 step decode 160 "$PY" benchmarks/decode.py           # batch-1 bf16/int4/int8 x greedy/chat vs roofline, fastref
-step gpu_tests 90 "$PY" -m pytest -q -x -p no:cacheprovider -k "bfloat16 or cuda" tests/test_gemv.py tests/test_gptq_kernels.py tests/test_kernels.py tests/test_kv_int8_kernels.py tests/test_sampling.py tests/test_lora_kernels.py  # bf16 kernels, GEMV pick, sampler graphs
+step gpu_tests 100 "$PY" -m pytest -q -x -p no:cacheprovider -k "bfloat16 or cuda or sampling_kernels" tests/test_gemv.py tests/test_gptq_kernels.py tests/test_kernels.py tests/test_kv_int8_kernels.py tests/test_sampling.py tests/test_sampling_kernels.py tests/test_lora_kernels.py  # bf16 kernels, GEMV pick, fused sampler vs torch, sampler graphs
 step gptq 120 "$PY" benchmarks/gptq_bench.py         # int4/int8 GEMV (old vs magic-number) and bf16 GEMV vs cuBLAS
 step kernels 45 "$PY" benchmarks/kernels.py          # prefill vs SDPA; paged decode engine launch vs ideal vs copy
 step throughput 130 "$PY" benchmarks/throughput.py   # 256 requests vs HF and fastref static batches

@@ -16,8 +16,9 @@ Ops run inside `transformer.h[i]` count for layer i, the rest as "outside". CPU-
 
 `--eager` adds `logits_indices` as the engine's non-graph path does. `--engine greedy|chat` counts instead what the
 engine's CUDA graph for a decode step holds (`DecodeGraphs._step`): the gathers of the step's inputs from the
-per-slot buffers, the forward, the sampler (greedy, or Qwen's chat defaults: top_p 0.8, repetition penalty 1.1) and
-the store of the sampled tokens. Prints a table, then one JSON line.
+per-slot buffers, the forward, the sampler (greedy, or Qwen's chat defaults: top_p 0.8, repetition penalty 1.1; the
+fused Triton draw as on CUDA, or `--torch-sampler`) and the store of the sampled tokens. Prints a table, then one
+JSON line.
 """
 from __future__ import annotations
 
@@ -170,7 +171,9 @@ def engine_step(model, args):
     while any(s.num_computed < s.num_prompt for s in llm.running) or llm.waiting:
         llm.step()
     llm.step()  # one decode step through the engine: the graph's buffers now hold a real batch
-    llm.runner.sampler.capturable = True  # as on CUDA: no host branch, rows the candidates miss left to complete()
+    sampler = llm.runner.sampler  # as on CUDA: no host branch (rows the candidates miss are left to complete()),
+    sampler.capturable, sampler.num_candidates = True, 1024  # 1,024 candidates, and the fused Triton draw
+    sampler.fused = not args.torch_sampler
     graphs, b = llm.runner.graphs, args.batch
     bucket = next(x for x in graphs.buckets if x >= b)
     flags = llm.runner.sampler.flags([s.slot for s in llm.running]).for_graph()
@@ -187,6 +190,8 @@ def main():
     p.add_argument("--gptq", type=int, choices=[4, 8], default=None, help="swap in GPTQ linears of these bits")
     p.add_argument("--eager", action="store_true", help="the non-graph decode metadata (with logits_indices)")
     p.add_argument("--engine", choices=["greedy", "chat"], help="count the engine's whole graphed decode step")
+    p.add_argument("--torch-sampler", action="store_true", help="--engine chat with the torch sampler, not the "
+                   "fused Triton draw (nanoqwen/kernels/sampling.py)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokens, meta, cache = build(args, device)

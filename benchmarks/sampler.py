@@ -8,7 +8,8 @@ temperature 1, each request its own seed, 300 seen ids). Both sides are timed as
 the tokens in a host list. Baseline ("old"): argmax for greedy batches, otherwise what HF's processors do
 (repetition penalty through a presence mask, a sort of the whole vocabulary, softmax, cumsum, the top-p mask,
 torch.multinomial); then `.tolist()`. New: `DeviceSampler.sample` (batch flags, device slots tensor, state
-updates) + `complete` (the copy to the host, and the exact search for rows the candidates could not answer).
+updates) + `complete` (the copy to the host, and the exact search for rows the candidates could not answer); on
+CUDA the fused Triton draw (nanoqwen/kernels/sampling.py), and in graphs also the torch path ("graph_torch_us").
 
 Logits shapes (the baseline sorts the whole row whatever they are; the new one's cost depends on them):
 - "peaked": a bulk of randn * 2.5 plus a head of 40 tokens near +14: a top-p 0.8 nucleus of a few tokens, as a
@@ -91,7 +92,8 @@ def timed(fn, reps: int) -> float:
 class Batch:
     """One batch of `batch` requests in a mode: the baseline's state and a DeviceSampler's."""
 
-    def __init__(self, mode: str, batch: int, capturable: bool | None = None, num_candidates: int | None = None):
+    def __init__(self, mode: str, batch: int, capturable: bool | None = None, num_candidates: int | None = None,
+                 fused: bool | None = None):
         self.params = [SamplingParams(**MODES[mode], seed=i) for i in range(batch)]
         g = torch.Generator().manual_seed(batch)
         self.prompts = [torch.randint(0, VOCAB, (300,), generator=g).tolist() for _ in range(batch)]
@@ -106,7 +108,8 @@ class Batch:
         self.top_p = torch.tensor([p.top_p for p in self.params], device=DEV).unsqueeze(1)
         self.generator = torch.Generator(device=DEV).manual_seed(0)
         # new
-        self.sampler = DeviceSampler(batch, VOCAB, DEV, capturable=capturable, num_candidates=num_candidates)
+        self.sampler = DeviceSampler(batch, VOCAB, DEV, capturable=capturable, num_candidates=num_candidates,
+                                     fused=fused)
         for slot, (p, ids) in enumerate(zip(self.params, self.prompts)):
             self.sampler.add(slot, p, slot, ids)
         self.slots = torch.arange(batch, device=DEV)
@@ -132,15 +135,16 @@ class Batch:
         return self.sampler.complete(out, logits, self.slots, self.flags)
 
 
-def graph_time(mode: str, logits: torch.Tensor, reps: int, num_candidates: int | None) -> tuple[float, bool]:
+def graph_time(mode: str, logits: torch.Tensor, reps: int, num_candidates: int | None,
+               fused: bool | None = None) -> tuple[float, bool]:
     """The new `sample` in a CUDA graph: (median us per replay + complete, first replay's tokens == eager ones)."""
     batch = logits.shape[0]
-    captured, eager = (Batch(mode, batch, num_candidates=num_candidates) for _ in range(2))
+    captured, eager = (Batch(mode, batch, num_candidates=num_candidates, fused=fused) for _ in range(2))
     flags = captured.flags.for_graph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        Batch(mode, batch, num_candidates=num_candidates).new(logits)  # warm-up outside the capture, thrown away
+        Batch(mode, batch, num_candidates=num_candidates, fused=fused).new(logits)  # warm-up, thrown away
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):  # records kernels without running them: `captured` keeps its fresh state
@@ -185,23 +189,27 @@ def main() -> int:
                     b = Batch(mode, batch, num_candidates=k)
                     row = dict(mode=mode, logits=shape, batch=batch, candidates=b.sampler.num_candidates,
                                old_us=old_us, new_us=timed(lambda: b.new(logits), reps))
-                    if mode != "greedy":  # the new sampler's three ways agree (fresh state each)
-                        ways = [Batch(mode, batch, capturable=c, num_candidates=n).new(logits)
-                                for c, n in ((False, k), (True, k), (None, 0))]
-                        ok &= ways[0] == ways[1] == ways[2]
+                    if mode != "greedy":  # the new sampler's ways agree (fresh state each; fused: on CUDA)
+                        ways = [Batch(mode, batch, capturable=c, num_candidates=n, fused=f).new(logits)
+                                for c, n, f in ((False, k, None), (True, k, False), (None, 0, None), (True, k, None))]
+                        ok &= ways[0] == ways[1] == ways[2] == ways[3]
                     if DEV.type == "cuda":
                         row["graph_us"], same = graph_time(mode, logits, reps, k)
                         ok &= same
+                        if mode != "greedy" and b.sampler.fused:  # the same graph with the torch sampler
+                            row["graph_torch_us"], same = graph_time(mode, logits, reps, k, fused=False)
+                            ok &= same
                     row["speedup"] = row["old_us"] / row["new_us"]
                     results.append(row)
                     print(row, flush=True)
     header = f"{'mode':7} {'logits':7} {'batch':>5} {'K':>5} {'old us':>11} {'new us':>10} {'speedup':>8}"
-    print("\n" + header + ("  graph us" if DEV.type == "cuda" else ""))
+    print("\n" + header + ("  graph us  (torch path)" if DEV.type == "cuda" else ""))
     for r in results:
         line = f"{r['mode']:7} {r['logits']:7} {r['batch']:5d} {r['candidates']:5d} {r['old_us']:11.0f} " \
                f"{r['new_us']:10.0f} " \
                f"{r['speedup']:7.1f}x"
-        print(line + (f"  {r['graph_us']:8.0f}" if "graph_us" in r else ""))
+        print(line + (f"  {r['graph_us']:8.0f}" if "graph_us" in r else "")
+              + (f"  ({r['graph_torch_us']:.0f})" if "graph_torch_us" in r else ""))
     record = dict(bench="sampler", device=str(DEV), torch=torch.__version__, threads=torch.get_num_threads(),
                   vocab=VOCAB, correct=bool(ok), results=results)
     print(json.dumps(record))

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 import torch
+
+from .kernels import use_triton
 
 __all__ = [
     "SamplingParams", "DeviceSampler", "SamplerFlags", "SamplerOutput", "random_seed", "GREEDY_TEMPERATURE",
@@ -321,6 +324,11 @@ class DeviceSampler:
       state unchanged, and `complete` draws them. `num_candidates=0` sends every row through the exact search inside
       `sample` (capturable, never pending, slower). All paths give the same tokens: integer masses, the same order.
 
+    Fused (`fused`, the default where the Triton kernels run: CUDA, or NANOQWEN_KERNELS=triton with `capturable`):
+    `sample` for sampled batches is three launches (nanoqwen/kernels/sampling.py: penalties + temperature, topk, one
+    program per row for the mass, the order of the candidates, the draw and the state) instead of about a hundred
+    small torch ops; the same tokens, pending rows and state. Rows left pending are drawn by `complete` as above.
+
     CUDA graphs: everything in `sample` has shapes fixed by (B, vocab, flags, num_candidates) and branches only on
     host flags. Capture it per (batch bucket, flags.for_graph()), for example "greedy" and "full" per bucket, with
     `logits` and `slots` as static inputs (pad rows: slot `pad_slot`), after one warm-up call outside the capture;
@@ -329,7 +337,7 @@ class DeviceSampler:
     """
 
     def __init__(self, max_num_seqs: int, vocab_size: int, device: torch.device | str | None = None, *,
-                 num_candidates: int | None = None, capturable: bool | None = None):
+                 num_candidates: int | None = None, capturable: bool | None = None, fused: bool | None = None):
         self.device = torch.device(device if device is not None else "cpu")
         if num_candidates is None:  # the CPU's topk slows with K; a GPU's hardly does (benchmarks/sampler.py)
             num_candidates = 256 if self.device.type == "cpu" else 1024
@@ -339,6 +347,11 @@ class DeviceSampler:
                 raise ValueError(f"DeviceSampler: {name} must be an int >= {least}, got {value!r}")
         self.capturable = self.device.type != "cpu" if capturable is None else bool(capturable)
         self.max_num_seqs, self.vocab_size, self.num_candidates = max_num_seqs, vocab_size, num_candidates
+        if fused is None:
+            fused = self.capturable and num_candidates > 0 and use_triton(self.device)
+        elif fused and not (self.capturable and num_candidates > 0):
+            raise ValueError("DeviceSampler: fused=True (the Triton draw) needs capturable=True and num_candidates > 0")
+        self.fused, self._fused_ran = bool(fused), False
         self.pad_slot = max_num_seqs
         self.mass_bits = 62 - (vocab_size - 1).bit_length()  # sum of vocab_size masses <= 2^62
         n, dev = max_num_seqs + 1, self.device
@@ -452,6 +465,8 @@ class DeviceSampler:
         (flags computed, one host-to-device copy). Advances each slot's step and presence mask / counts.
         """
         slots, flags = self._batch(logits, slots, flags, "sample")
+        if self.fused and not flags.greedy_only:
+            return self._sample_fused(logits, slots, flags)
         raw = logits.float()
         scores = self._scores(raw, slots, flags)
         pending = None
@@ -461,14 +476,36 @@ class DeviceSampler:
             next_ids, pending = self._draw(scores, slots, flags)
             if flags.any_greedy:  # greedy rows hold T = 1: their scores are only penalised
                 next_ids = torch.where(self.greedy[slots], scores.argmax(dim=1), next_ids)
-        out = SamplerOutput(next_ids=next_ids, pending=pending)
-        if flags.logprobs is not None:
-            logprobs = torch.log_softmax(raw, dim=1)
-            out.chosen_logprobs = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)
-            out.top_logprobs, out.top_ids = logprobs.topk(min(flags.logprobs, self.vocab_size), dim=1)
         self.steps.index_add_(0, slots, torch.ones_like(slots))
         self._record(slots, next_ids, flags, None if pending is None else ~pending)
+        return self._logprobs(SamplerOutput(next_ids=next_ids, pending=pending), raw, flags)
+
+    def _logprobs(self, out: SamplerOutput, raw: torch.Tensor, flags: SamplerFlags) -> SamplerOutput:
+        if flags.logprobs is not None:
+            logprobs = torch.log_softmax(raw.float(), dim=1)
+            out.chosen_logprobs = logprobs.gather(1, out.next_ids.unsqueeze(1)).squeeze(1)
+            out.top_logprobs, out.top_ids = logprobs.topk(min(flags.logprobs, self.vocab_size), dim=1)
         return out
+
+    def _sample_fused(self, logits: torch.Tensor, slots: torch.Tensor, flags: SamplerFlags) -> SamplerOutput:
+        """`sample` in three launches (nanoqwen/kernels/sampling.py): the same tokens, pending rows and state.
+        Should the kernels fail on their first call (before any state changed: a Triton build or compile error),
+        the sampler says so once and keeps to the torch path."""
+        from .kernels.sampling import sampler_draw, sampler_scores
+        k = min(self.vocab_size, max(self.num_candidates, flags.top_k))
+        try:
+            scores = sampler_scores(self, logits if logits.stride(1) == 1 else logits.contiguous(), slots, flags)
+            next_ids, pending = sampler_draw(self, scores, slots, flags, k)
+        except Exception as e:
+            if self._fused_ran:
+                raise
+            warnings.warn(f"DeviceSampler: the fused Triton sampling kernels failed ({type(e).__name__}: {e}); "
+                          "using the torch sampler instead (the same tokens, about 100 more launches a step)",
+                          stacklevel=3)
+            self.fused = False
+            return self.sample(logits, slots, flags)
+        self._fused_ran = True
+        return self._logprobs(SamplerOutput(next_ids=next_ids, pending=pending), logits, flags)
 
     def complete(self, out: SamplerOutput, logits: torch.Tensor, slots, flags: SamplerFlags | None = None
                  ) -> list[int]:
@@ -582,8 +619,10 @@ def _float32(value: float) -> float:
 
 
 def _fixed_point_mass(scores: torch.Tensor, bits: int) -> torch.Tensor:
-    """[B, V] int64: floor(exp(x - row max) * 2^bits), each token's unnormalised probability as an integer."""
-    return (scores - scores.amax(dim=1, keepdim=True)).exp_().mul_(2.0 ** bits).long()
+    """[B, V] int64: floor(exp(x - row max) * 2^bits), each token's unnormalised probability as an integer. The
+    difference is fp32 (one rounding, the same everywhere), the exp fp64: implementations that differ by an ulp there
+    (CPU, CUDA, the fused kernel in Triton's interpreter) give masses a few units apart in 2^bits, not more."""
+    return (scores - scores.amax(dim=1, keepdim=True)).double().exp_().mul_(2.0 ** bits).long()
 
 
 def _order_key(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,170 @@
+"""The device sampler's draw in three launches: penalties + temperature, torch.topk, then one program per row that
+finds the draw among the top-K candidates (`DeviceSampler` in nanoqwen/sampling.py states the semantics and is the
+torch reference: the same integer masses, the same order, the same tokens).
+
+`sampler_scores` (grid: rows x vocabulary blocks): logits in any float dtype -> fp32 scores; the repetition penalty
+where the slot's `seen` mask is set, then presence/frequency penalties from its counts, then division by its
+temperature. Every operation is one IEEE-rounded fp32 op in the order torch runs them (no fused multiply-add, a
+correctly rounded division), so the scores equal the torch path's bit for bit.
+
+`sampler_draw` (one program per row), after `values, ids = scores.topk(K)`:
+1. one pass over the row: the total integer mass floor(exp(x - max) * 2^bits) (fp64 exp) of the tokens in the row's
+   top-k set, and the first index of the maximum (the argmax of a greedy row);
+2. the K candidates sorted by (value desc, id desc) with `tl.sort` on an int64 key, their masses and running sum;
+3. the top-p limit, the seeded uniform (the same 32-bit hash as `sampling._uniforms`), the inverse-CDF position;
+   a row is answered when that position (and its top-p boundary) lies among the candidates strictly above the
+   K-th value, otherwise it is left pending for `DeviceSampler.complete` (the exact search), as in the torch path;
+4. the state: the slot's step counter advances, and an answered row's token is marked seen / counted.
+Integer sums do not depend on order, so the result does not either. fp64 exp may differ by an ulp between two
+implementations (numpy in the interpreter, torch on the CPU): a mass then moves by at most a few units in 2^bits,
+which changes a draw with probability below 2^-40.
+"""
+import torch
+
+from . import tl, triton  # Triton, or stand-ins when it is not installed (see __init__)
+
+_MASK32 = 0xFFFFFFFF
+
+
+@triton.jit
+def _scores_kernel(logits_ptr, slots_ptr, seen_ptr, counts_ptr, rep_ptr, pres_ptr, freq_ptr, temp_ptr, out_ptr,
+                   V, stride_l, REPETITION: tl.constexpr, COUNTS: tl.constexpr, TEMPERATURE: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < V
+    slot = tl.load(slots_ptr + row)
+    x = tl.load(logits_ptr + row * stride_l + cols, mask=mask, other=0.0).to(tl.float32)
+    if REPETITION:  # HF: positive logits divided by the penalty, negative ones multiplied
+        p = tl.load(rep_ptr + slot)
+        seen = tl.load(seen_ptr + slot * V + cols, mask=mask, other=0) != 0
+        x = tl.where(seen, tl.where(x < 0, x * p, tl.math.div_rn(x, p)), x)
+    if COUNTS:  # x - counts * frequency - (counts > 0) * presence, left to right
+        c = tl.load(counts_ptr + slot * V + cols, mask=mask, other=0)
+        x = x - c.to(tl.float32) * tl.load(freq_ptr + slot)
+        x = x - (c > 0).to(tl.float32) * tl.load(pres_ptr + slot)
+    if TEMPERATURE:
+        x = tl.math.div_rn(x, tl.load(temp_ptr + slot))
+    tl.store(out_ptr + row * V + cols, x, mask=mask)
+
+
+@triton.jit
+def _mix32(x):
+    """sampling._mix32 on int64 scalars holding [0, 2^32): (x * c) mod 2^32 with c taken as c - 2^32 when >= 2^31."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * (0x846CA68B - 4294967296)) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _draw_kernel(scores_ptr, values_ptr, ids_ptr, slots_ptr, top_k_ptr, top_p_ptr, greedy_ptr, lanes_ptr,
+                 steps_ptr, seen_ptr, counts_ptr, next_ptr, pending_ptr, V, K, scale,
+                 KP: tl.constexpr, BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr, TOP_K: tl.constexpr,
+                 TOP_P: tl.constexpr, ANY_GREEDY: tl.constexpr, REPETITION: tl.constexpr, COUNTS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slots_ptr + row)
+    i = tl.arange(0, KP)
+    real = i < K
+    values = tl.load(values_ptr + row * K + i, mask=real, other=float("-inf"))  # topk: sorted descending
+    top = tl.max(values, 0)
+    kth = tl.full([], float("-inf"), tl.float32)
+    if TOP_K:
+        top_k = tl.load(top_k_ptr + slot)
+        kth = tl.where(top_k > 0, tl.max(tl.where(i == top_k - 1, values, float("-inf")), 0), float("-inf"))
+    lowest = tl.min(tl.where(real, values, float("inf")), 0)  # the K-th value
+
+    # 1. the row's total mass (top-k applied) and its argmax (first index of the maximum)
+    total = tl.zeros([], dtype=tl.int64)
+    best = tl.full([], V, dtype=tl.int64)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK).to(tl.int64)
+        inside = cols < V
+        x = tl.load(scores_ptr + row * V + cols, mask=inside, other=float("-inf"))
+        mass = (tl.exp((x - top).to(tl.float64)) * scale).to(tl.int64)
+        total += tl.sum(tl.where(inside & (x >= kth), mass, 0), 0)
+        if ANY_GREEDY:
+            best = tl.minimum(best, tl.min(tl.where(inside & (x == top), cols, V), 0))
+
+    # 2. the candidates in the sampling order (value desc, id desc): one int64 key, sorted
+    ids = tl.load(ids_ptr + row * K + i, mask=real, other=0)
+    bits = values.to(tl.int32, bitcast=True)
+    negative = bits >> 31
+    key = ((bits ^ (negative & 0x7FFFFFFF)) - negative).to(tl.int64) * 4294967296 + ids
+    key = tl.sort(tl.where(real, key, -9223372036854775807 - 1), descending=True)
+    ids = key & 0xFFFFFFFF
+    x = tl.load(scores_ptr + row * V + ids, mask=real, other=float("-inf"))
+    mass = tl.where(real & (x >= kth), (tl.exp((x - top).to(tl.float64)) * scale).to(tl.int64), 0)
+    cumulative = tl.cumsum(mass, 0)
+    if WHOLE_ROW:
+        sure = tl.sum(mass, 0)
+    else:
+        sure = tl.sum(tl.where(x > lowest, mass, 0), 0)
+
+    # 3. the draw: inverse CDF over the kept mass (a prefix of the order, when top-p is on)
+    kept = total
+    answered = tl.full([], 1, dtype=tl.int1)
+    if TOP_P:
+        fraction = tl.load(top_p_ptr + slot)
+        top_p_on = fraction < 1.0
+        limit = tl.minimum(tl.maximum(tl.math.ceil(fraction * total.to(tl.float64)).to(tl.int64), 1), total)
+        at = tl.minimum(tl.sum((real & (cumulative <= limit - 1)).to(tl.int64), 0), K - 1)
+        boundary = tl.sum(tl.where(i == at, cumulative, 0), 0)
+        kept = tl.where(top_p_on, boundary, total)
+        answered = (fraction >= 1.0) | (limit <= sure)
+    step = _mix32((tl.load(steps_ptr + slot) & 0xFFFFFFFF) ^ 0x5BD1E995)
+    high = _mix32(tl.load(lanes_ptr + slot * 2) ^ step)
+    low = _mix32(tl.load(lanes_ptr + slot * 2 + 1) ^ step)
+    u = (high * 2097152 + (low >> 11)).to(tl.float64) * 1.1102230246251565e-16  # 2^-53
+    target = tl.maximum(tl.minimum(tl.math.floor(u * kept.to(tl.float64)).to(tl.int64), kept - 1), 0)
+    at = tl.minimum(tl.sum((real & (cumulative <= target)).to(tl.int64), 0), K - 1)
+    token = tl.sum(tl.where(i == at, ids, 0), 0)
+    answered = answered & (target < sure)
+    if ANY_GREEDY:
+        greedy = tl.load(greedy_ptr + slot) != 0
+        token = tl.where(greedy, tl.where(best < V, best, 0), token)  # a NaN row (a graph's pad row): some id
+        answered = answered | greedy
+    tl.store(next_ptr + row, token)
+    tl.store(pending_ptr + row, (answered == 0).to(tl.int8))
+
+    # 4. the slot's state (pad rows share a slot: the counter goes up atomically)
+    tl.atomic_add(steps_ptr + slot, 1)
+    if REPETITION:
+        tl.store(seen_ptr + slot * V + token, 1, mask=answered)
+    if COUNTS:
+        tl.atomic_add(counts_ptr + slot * V + token, 1, mask=answered)
+
+
+def sampler_scores(sampler, logits: torch.Tensor, slots: torch.Tensor, flags) -> torch.Tensor:
+    """[B, V] fp32 scores of `DeviceSampler._scores` for `logits` [B, V] (unit last stride), in one launch."""
+    rows, vocab = logits.shape
+    out = torch.empty(rows, vocab, dtype=torch.float32, device=logits.device)
+    if rows:
+        block = 4096
+        counts = sampler.counts if flags.counts else sampler.seen  # any tensor when unused
+        _scores_kernel[(rows, triton.cdiv(vocab, block))](
+            logits, slots, sampler.seen.view(torch.uint8), counts, sampler.repetition, sampler.presence,
+            sampler.frequency, sampler.temperature, out, vocab, logits.stride(0), REPETITION=flags.repetition,
+            COUNTS=flags.counts, TEMPERATURE=flags.temperature, BLOCK=block, num_warps=8, enable_fp_fusion=False)
+    return out
+
+
+def sampler_draw(sampler, scores: torch.Tensor, slots: torch.Tensor, flags, k: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next ids [B] int64, pending [B] bool) for fp32 `scores` [B, V] (contiguous), as `DeviceSampler._draw`
+    with `k` candidates gives them in its capturable form, and the state updates of `DeviceSampler.sample`."""
+    rows, vocab = scores.shape
+    values, ids = scores.topk(k, dim=1)  # sorted descending
+    next_ids = torch.empty(rows, dtype=torch.int64, device=scores.device)
+    pending = torch.empty(rows, dtype=torch.bool, device=scores.device)
+    if rows:
+        counts = sampler.counts if flags.counts else sampler.steps  # any tensor when unused
+        _draw_kernel[(rows,)](
+            scores, values, ids, slots, sampler.top_k, sampler.top_p_mass, sampler.greedy.view(torch.uint8),
+            sampler.seed_lanes, sampler.steps, sampler.seen.view(torch.uint8), counts, next_ids,
+            pending.view(torch.int8), vocab, k, 2.0 ** sampler.mass_bits, KP=triton.next_power_of_2(k),
+            BLOCK=2048, WHOLE_ROW=k == vocab, TOP_K=bool(flags.top_k), TOP_P=flags.top_p,
+            ANY_GREEDY=flags.any_greedy, REPETITION=flags.repetition, COUNTS=flags.counts, num_warps=8,
+            enable_fp_fusion=False)
+    return next_ids, pending
