@@ -8,7 +8,9 @@ random weights, against the memory-bandwidth roofline and the gpt-fast-style anc
 The engine is built as a user builds it, `LLM(model, tokenizer=...)`: max_model_len 32768 (so decode attention is
 launched for that static length), the KV cache sized from free GPU memory, CUDA graphs. Each weight variant is timed
 greedy and with Qwen's chat sampling defaults (top_p 0.8, repetition_penalty 1.1: Qwen-7B-Chat's
-generation_config.json), ignore_eos so every run makes exactly --new-tokens tokens. tok/s counts the tokens after the
+generation_config.json), ignore_eos so every run makes exactly --new-tokens tokens; the random head is scaled so that
+the logits are peaked as a language model's (a top-p 0.8 nucleus of a few to ~50 tokens; before 2026-11-30 they were
+flat, and the chat rows measured the sampler's rare exact-search path instead). tok/s counts the tokens after the
 first one, from the first token's time to the last one's.
 roofline tok/s = batch x copy bandwidth (measured here) / bytes read per step (every weight once, one embedding row,
 and the KV cache at the middle of the run). fastref: .bench/fastref.py at the same batch, cache 1024, greedy.
@@ -35,6 +37,7 @@ from throughput import QWEN_7B, TINY, find_vocab, greedy_gap, greedy_tolerance, 
 # the sampling keys of Qwen-7B-Chat's generation_config.json (the base model's has no repetition penalty)
 QWEN_CHAT_SAMPLING = {"do_sample": True, "top_k": 0, "top_p": 0.8, "repetition_penalty": 1.1}
 MODES = ("greedy", "chat")
+LOGIT_SCALE = 4.0  # random_model's lm_head scale: language-model-like (peaked) next-token distributions
 BITS = {"bf16": None, "int4": 4, "int8": 8}  # weight variants: bf16, GPTQ int4 and int8 (group 128)
 
 
@@ -43,8 +46,12 @@ def random_model(cfg: QwenConfig, dtype, device, bits: int | None, group_size: i
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
-    with torch.device(device):
+    with torch.device(device), torch.no_grad():
         model = Qwen(cfg).init_weights()
+        # The reference init gives flat logits (std 0.02 * sqrt(hidden) = 1.3: a top-p 0.8 nucleus of ~50k tokens, which
+        # no language model has, and which sends every chat row through the sampler's exact search). A head 4x larger
+        # gives logits of std ~5: a nucleus of a few to ~50 tokens, as a language model's. Greedy tokens are the same.
+        model.lm_head.weight.mul_(LOGIT_SCALE)
     torch.set_default_dtype(prev)
     model.rotary.float()
     if bits is not None:

@@ -312,17 +312,19 @@ class DeviceSampler:
       ceil((1 - float32(1 - top_p)) * top-k mass). HF compares float32 cumulative sums, so the two can differ only
       where that sum is within float32 rounding of the threshold.
     - Draw: inverse CDF. u = hash(seed lanes, step) in [0, 1) with 53 bits; the token is the one whose mass interval
-      in that order holds floor(u * kept mass). One uniform per row, no noise over the vocabulary; each token's
-      probability is its share of the kept mass within 2^-53.
-    - Finding a mass position: the top `num_candidates` tokens (torch.topk), sorted in the order above, answer it
-      when it lies among the candidates strictly above the K-th value: for a top-k row with k < K unless its k-th
-      value ties the K-th, and for a top-p row whose nucleus is inside the top K (language-model rows almost always
-      are). Other rows need
-      the exact search over the whole row (`_MassOrder`, a weighted radix select: no sort, but some 30 passes over
-      [rows, vocab]). Without `capturable` (the CPU default) `sample` runs it at once on just those rows; with it
-      (the CUDA default) `sample` has no data-dependent branch, marks those rows in `out.pending`, leaves their
-      state unchanged, and `complete` draws them. `num_candidates=0` sends every row through the exact search inside
-      `sample` (capturable, never pending, slower). All paths give the same tokens: integer masses, the same order.
+      holds floor(u * kept mass): in vocabulary (id) order for rows without top-p (their kept set needs no order:
+      one cumulative sum over the row), in the order above for top-p rows. One uniform per row, no noise over the
+      vocabulary; each token's probability is its share of the kept mass within 2^-53.
+    - Finding a top-p row's nucleus and mass position: the top `num_candidates` tokens (torch.topk), sorted in the
+      order above, answer it when the nucleus lies among the candidates strictly above the K-th value (language-model
+      rows almost always do). Other top-p rows need the exact search over the whole row (`_MassOrder`, a weighted
+      radix select: no sort, but some 30 passes over [rows, vocab]). Without `capturable` (the CPU default) `sample`
+      runs it at once on just those rows; with it (the CUDA default) `sample` has no data-dependent branch, marks
+      those rows in `out.pending`, leaves their state unchanged, and `complete` draws them. `num_candidates=0` sends
+      every top-p row through the exact search inside `sample` (capturable, never pending, slower). All paths give
+      the same tokens: integer masses, the same orders. (Before 2026-11-30 rows without top-p drew in the sampling
+      order too, and were left pending whenever u fell past the candidates: seeded outputs of such requests changed
+      then.)
 
     Fused (`fused`, the default where the Triton kernels run: CUDA, or NANOQWEN_KERNELS=triton with `capturable`):
     `sample` for sampled batches is three launches (nanoqwen/kernels/sampling.py: penalties + temperature, topk, one
@@ -594,23 +596,25 @@ class DeviceSampler:
         return mass, kth, total, top_p_on, limit
 
     def _draw(self, scores: torch.Tensor, slots: torch.Tensor, flags: SamplerFlags):
-        """(next ids, pending rows or None)."""
+        """(next ids, pending rows or None). Rows without top-p draw in vocabulary order (never pending); top-p rows
+        in the sampling order, from the candidates when their nucleus lies among them."""
         candidates = None
-        if self.num_candidates:
+        if self.num_candidates and flags.top_p:
             candidates = _Candidates(scores, min(self.vocab_size, max(self.num_candidates, flags.top_k)))
         mass, _, total, top_p_on, limit = self._masses(scores, slots, flags, candidates)
         u = _uniforms(self.seed_lanes[slots], self.steps[slots])
         if candidates is None:
             return _draw_exact(scores, mass, total, top_p_on, limit, u), None
-        next_ids, answered = candidates.draw(mass, total, top_p_on, limit, u)
+        next_ids, answered = candidates.draw(mass, total, limit, u)
+        next_ids = torch.where(top_p_on, next_ids, _draw_by_id(mass, total, u))
+        answered = answered | ~top_p_on
         if flags.any_greedy:
             answered = answered | self.greedy[slots]  # they take the argmax instead
         if self.capturable:
             return next_ids, ~answered
         if not bool(answered.all()):  # a host branch: fine where the host is the device
             rows = (~answered).nonzero().squeeze(1)
-            pick = (lambda t: None if t is None else t[rows])
-            next_ids[rows] = _draw_exact(scores[rows], mass[rows], total[rows], pick(top_p_on), pick(limit), u[rows])
+            next_ids[rows] = _draw_exact(scores[rows], mass[rows], total[rows], top_p_on[rows], limit[rows], u[rows])
         return next_ids, None
 
 
@@ -648,8 +652,8 @@ class _Candidates:
         self.values, self.ids = values.gather(1, order), ids.gather(1, order)
         self.whole_row = k == scores.shape[1]
 
-    def draw(self, mass, total, top_p_on, limit, u):
-        """(next ids, answered): rows not answered need a mass position beyond the sure candidates."""
+    def draw(self, mass, total, limit, u):
+        """(next ids, answered) of top-p rows: rows not answered need a mass position beyond the sure candidates."""
         mass = mass.gather(1, self.ids)
         cumulative = mass.cumsum(dim=1)
         sure = cumulative[:, -1] if self.whole_row else torch.where(self.values > self.values[:, -1:], mass, 0).sum(1)
@@ -658,24 +662,29 @@ class _Candidates:
         def position(q):  # first candidate whose cumulative mass exceeds q
             return torch.searchsorted(cumulative, q.unsqueeze(1), right=True).squeeze(1).clamp(max=last)
 
-        kept_mass, answered = total, torch.ones_like(total, dtype=torch.bool)
-        if limit is not None:
-            boundary_mass = cumulative.gather(1, position(limit - 1).unsqueeze(1)).squeeze(1)
-            kept_mass = torch.where(top_p_on, boundary_mass, total)
-            answered = ~top_p_on | (limit <= sure)
+        kept_mass = cumulative.gather(1, position(limit - 1).unsqueeze(1)).squeeze(1)
         target = _target(u, kept_mass)
-        return self.ids.gather(1, position(target).unsqueeze(1)).squeeze(1), answered & (target < sure)
+        return self.ids.gather(1, position(target).unsqueeze(1)).squeeze(1), (limit <= sure) & (target < sure)
+
+
+def _draw_by_id(mass, total, u) -> torch.Tensor:
+    """The inverse-CDF draw in vocabulary order: the first id whose cumulative mass exceeds floor(u * total)."""
+    cumulative = mass.cumsum(dim=1)
+    position = torch.searchsorted(cumulative, _target(u, total).unsqueeze(1), right=True).squeeze(1)
+    return position.clamp(max=mass.shape[1] - 1)
 
 
 def _draw_exact(scores, mass, total, top_p_on, limit, u) -> torch.Tensor:
-    """The inverse-CDF draw over whole rows (`_MassOrder`): no sort, no host branch."""
+    """The draw over whole rows: in vocabulary order without top-p; in the sampling order (`_MassOrder`: no sort, no
+    host branch) for top-p rows."""
+    by_id = _draw_by_id(mass, total, u)
+    if limit is None:
+        return by_id
     order = _MassOrder(scores, mass, total)
-    kept_mass = total
-    if limit is not None:
-        group, before, within, each = order.find(limit - 1)  # the last kept token's tie group
-        kept_mass = torch.where(top_p_on, before + (within // each + 1) * each, total)
+    group, before, within, each = order.find(limit - 1)  # the last kept token's tie group
+    kept_mass = torch.where(top_p_on, before + (within // each + 1) * each, total)
     group, before, within, each = order.find(_target(u, kept_mass))
-    return order.token(group, within // each)
+    return torch.where(top_p_on, order.token(group, within // each), by_id)
 
 
 class _MassOrder:

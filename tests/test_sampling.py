@@ -661,3 +661,29 @@ def test_device_sampler_captures_in_a_cuda_graph():
     for step in range(3):
         graph.replay()
         assert static.complete(out, logits, slots, flags) == expected[step]
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_rows_without_top_p_draw_in_vocabulary_order_and_are_never_pending(capturable):
+    """A sampled row without top-p needs no order: its token is the first id whose cumulative mass (in id order)
+    exceeds floor(u * total), whatever the candidates hold, so it is never left for `complete`."""
+    vocab, rows = 500, 6
+    params = [SamplingParams(temperature=t, top_k=k, repetition_penalty=1.1, seed=i)
+              for i, (t, k) in enumerate([(1.0, 0), (1.7, 0), (0.5, 0), (1.0, 400), (1.3, 2), (0.0, 0)])]
+    sampler, slots = _sampler(params, vocab, prompts=[[1, 2, 3]] * rows, num_candidates=2, capturable=capturable)
+    exact, _ = _sampler(params, vocab, prompts=[[1, 2, 3]] * rows, num_candidates=0)
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        logits = torch.randn(rows, vocab, generator=g) * 0.1  # flat: the mass lies far beyond 2 candidates
+        flags = sampler.flags(slots)
+        scores = sampler.process(logits, slots, flags)  # before `sample` changes the penalty state
+        out = sampler.sample(logits, slots, flags)
+        assert out.pending is None or not out.pending.any()
+        expected = exact.sample(logits, slots).next_ids
+        assert torch.equal(out.next_ids, expected), f"step {step}"
+        u = sampling._uniforms(sampler.seed_lanes[:rows], sampler.steps[:rows] - 1)
+        for row, p in enumerate(params[:-1]):  # by hand: the id-order inverse CDF over the kept masses
+            mass = sampling._fixed_point_mass(scores[row:row + 1], sampler.mass_bits)[0]
+            target = int(sampling._target(u[row:row + 1], mass.sum().view(1)))
+            assert int(out.next_ids[row]) == int((mass.cumsum(0) > target).int().argmax()), f"step {step}, row {row}"
+        assert int(out.next_ids[-1]) == int(scores[-1].argmax())

@@ -149,9 +149,9 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------------- a step
     def launch(self, batch: list[tuple[Sequence, int]]) -> LaunchedStep:
         """Queue the device work of a batch (each sequence computes its `n` tokens from `num_computed` on) and the
-        copy of the sampled tokens to the host. Greedy batches return without waiting for either; a batch with
-        sampled rows waits for its tokens here, since the sampler may have to finish rows on the host's word
-        (`DeviceSampler.complete`) before the next step may read them."""
+        copy of the sampled tokens to the host. A batch returns without waiting for either unless a row has top-p
+        and the sampler left rows pending: then it waits for its tokens here, since the sampler may have to finish
+        top-p rows on the host's word (`DeviceSampler.complete`) before the next step may read them."""
         self._prepare_slots(batch)
         sampled = [seq for seq, n in batch if seq.num_computed + n == seq.num_tokens]
         flags = self.sampler.flags([s.slot for s in sampled]) if sampled else None
@@ -170,7 +170,7 @@ class ModelRunner:
         if out is None:
             return step
         n = len(sampled)
-        if flags.greedy_only:  # nothing pending: the copy completes while the next step runs
+        if out.pending is None or not flags.top_p:  # nothing pending: the copy completes while the next step runs
             step.token_ids = self._to_host(out.next_ids[:n])
             if self.pinned:
                 step.event = torch.cuda.Event()

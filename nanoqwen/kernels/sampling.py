@@ -10,11 +10,13 @@ correctly rounded division), so the scores equal the torch path's bit for bit.
 `sampler_draw` (one program per row), after `values, ids = scores.topk(K)`:
 1. one pass over the row: the total integer mass floor(exp(x - max) * 2^bits) (fp64 exp) of the tokens in the row's
    top-k set, and the first index of the maximum (the argmax of a greedy row);
-2. the K candidates sorted by (value desc, id desc) with `tl.sort` on an int64 key, their masses and running sum;
-3. the top-p limit, the seeded uniform (the same 32-bit hash as `sampling._uniforms`), the inverse-CDF position;
-   a row is answered when that position (and its top-p boundary) lies among the candidates strictly above the
-   K-th value, otherwise it is left pending for `DeviceSampler.complete` (the exact search), as in the torch path;
-4. the state: the slot's step counter advances, and an answered row's token is marked seen / counted.
+2. the seeded uniform (the same 32-bit hash as `sampling._uniforms`);
+3. a top-p row: the K candidates sorted by (value desc, id desc) with `tl.sort` on an int64 key, their masses and
+   running sum, the nucleus and the inverse-CDF position among them; the row is answered when both lie among the
+   candidates strictly above the K-th value, otherwise it is left pending for `DeviceSampler.complete` (the exact
+   search), as in the torch path;
+4. a sampled row without top-p: a second pass, the inverse-CDF position in vocabulary order (never pending);
+5. the state: the slot's step counter advances, and an answered row's token is marked seen / counted.
 Integer sums do not depend on order, so the result does not either. fp64 exp may differ by an ulp between two
 implementations (numpy in the interpreter, torch on the CPU): a mass then moves by at most a few units in 2^bits,
 which changes a draw with probability below 2^-40.
@@ -87,42 +89,58 @@ def _draw_kernel(scores_ptr, values_ptr, ids_ptr, slots_ptr, top_k_ptr, top_p_pt
         if ANY_GREEDY:
             best = tl.minimum(best, tl.min(tl.where(inside & (x == top), cols, V), 0))
 
-    # 2. the candidates in the sampling order (value desc, id desc): one int64 key, sorted
-    ids = tl.load(ids_ptr + row * K + i, mask=real, other=0)
-    bits = values.to(tl.int32, bitcast=True)
-    negative = bits >> 31
-    key = ((bits ^ (negative & 0x7FFFFFFF)) - negative).to(tl.int64) * 4294967296 + ids
-    key = tl.sort(tl.where(real, key, -9223372036854775807 - 1), descending=True)
-    ids = key & 0xFFFFFFFF
-    x = tl.load(scores_ptr + row * V + ids, mask=real, other=float("-inf"))
-    mass = tl.where(real & (x >= kth), (tl.exp((x - top).to(tl.float64)) * scale).to(tl.int64), 0)
-    cumulative = tl.cumsum(mass, 0)
-    if WHOLE_ROW:
-        sure = tl.sum(mass, 0)
-    else:
-        sure = tl.sum(tl.where(x > lowest, mass, 0), 0)
-
-    # 3. the draw: inverse CDF over the kept mass (a prefix of the order, when top-p is on)
-    kept = total
-    answered = tl.full([], 1, dtype=tl.int1)
-    if TOP_P:
-        fraction = tl.load(top_p_ptr + slot)
-        top_p_on = fraction < 1.0
-        limit = tl.minimum(tl.maximum(tl.math.ceil(fraction * total.to(tl.float64)).to(tl.int64), 1), total)
-        at = tl.minimum(tl.sum((real & (cumulative <= limit - 1)).to(tl.int64), 0), K - 1)
-        boundary = tl.sum(tl.where(i == at, cumulative, 0), 0)
-        kept = tl.where(top_p_on, boundary, total)
-        answered = (fraction >= 1.0) | (limit <= sure)
-    step = _mix32((tl.load(steps_ptr + slot) & 0xFFFFFFFF) ^ 0x5BD1E995)
+    step = _mix32((tl.load(steps_ptr + slot) & 0xFFFFFFFF) ^ 0x5BD1E995)  # the seeded uniform
     high = _mix32(tl.load(lanes_ptr + slot * 2) ^ step)
     low = _mix32(tl.load(lanes_ptr + slot * 2 + 1) ^ step)
     u = (high * 2097152 + (low >> 11)).to(tl.float64) * 1.1102230246251565e-16  # 2^-53
-    target = tl.maximum(tl.minimum(tl.math.floor(u * kept.to(tl.float64)).to(tl.int64), kept - 1), 0)
-    at = tl.minimum(tl.sum((real & (cumulative <= target)).to(tl.int64), 0), K - 1)
-    token = tl.sum(tl.where(i == at, ids, 0), 0)
-    answered = answered & (target < sure)
+    token = tl.zeros([], dtype=tl.int64)
+    answered = tl.full([], 1, dtype=tl.int1)
+    by_id = tl.full([], 1, dtype=tl.int1)
+    greedy = tl.full([], 0, dtype=tl.int1)
     if ANY_GREEDY:
         greedy = tl.load(greedy_ptr + slot) != 0
+
+    # 2. a top-p row: the candidates in the sampling order (value desc, id desc; one int64 key, sorted), the nucleus
+    # and the draw among them when the nucleus lies among the sure ones
+    if TOP_P:
+        ids = tl.load(ids_ptr + row * K + i, mask=real, other=0)
+        bits = values.to(tl.int32, bitcast=True)
+        negative = bits >> 31
+        key = ((bits ^ (negative & 0x7FFFFFFF)) - negative).to(tl.int64) * 4294967296 + ids
+        key = tl.sort(tl.where(real, key, -9223372036854775807 - 1), descending=True)
+        ids = key & 0xFFFFFFFF
+        x = tl.load(scores_ptr + row * V + ids, mask=real, other=float("-inf"))
+        mass = tl.where(real & (x >= kth), (tl.exp((x - top).to(tl.float64)) * scale).to(tl.int64), 0)
+        cumulative = tl.cumsum(mass, 0)
+        if WHOLE_ROW:
+            sure = tl.sum(mass, 0)
+        else:
+            sure = tl.sum(tl.where(x > lowest, mass, 0), 0)
+        fraction = tl.load(top_p_ptr + slot)
+        by_id = fraction >= 1.0
+        limit = tl.minimum(tl.maximum(tl.math.ceil(fraction * total.to(tl.float64)).to(tl.int64), 1), total)
+        at = tl.minimum(tl.sum((real & (cumulative <= limit - 1)).to(tl.int64), 0), K - 1)
+        kept = tl.sum(tl.where(i == at, cumulative, 0), 0)
+        target = tl.maximum(tl.minimum(tl.math.floor(u * kept.to(tl.float64)).to(tl.int64), kept - 1), 0)
+        at = tl.minimum(tl.sum((real & (cumulative <= target)).to(tl.int64), 0), K - 1)
+        token = tl.sum(tl.where(i == at, ids, 0), 0)
+        answered = by_id | ((limit <= sure) & (target < sure))
+
+    # 3. a row without top-p: the draw in vocabulary order (a second pass, a running sum of the masses)
+    if by_id & (greedy == 0):
+        target = tl.maximum(tl.minimum(tl.math.floor(u * total.to(tl.float64)).to(tl.int64), total - 1), 0)
+        running = tl.zeros([], dtype=tl.int64)
+        first = tl.full([], V - 1, dtype=tl.int64)
+        for start in range(0, V, BLOCK):  # (names apart from section 2's: Triton keeps a name's type)
+            at_col = start + tl.arange(0, BLOCK).to(tl.int64)
+            in_row = at_col < V
+            score = tl.load(scores_ptr + row * V + at_col, mask=in_row, other=float("-inf"))
+            weight = tl.where(in_row & (score >= kth), (tl.exp((score - top).to(tl.float64)) * scale).to(tl.int64), 0)
+            through = tl.cumsum(weight, 0) + running
+            first = tl.minimum(first, tl.min(tl.where(in_row & (through > target), at_col, V - 1), 0))
+            running += tl.sum(weight, 0)
+        token = first
+    if ANY_GREEDY:
         token = tl.where(greedy, tl.where(best < V, best, 0), token)  # a NaN row (a graph's pad row): some id
         answered = answered | greedy
     tl.store(next_ptr + row, token)
@@ -155,6 +173,8 @@ def sampler_draw(sampler, scores: torch.Tensor, slots: torch.Tensor, flags, k: i
     """(next ids [B] int64, pending [B] bool) for fp32 `scores` [B, V] (contiguous), as `DeviceSampler._draw`
     with `k` candidates gives them in its capturable form, and the state updates of `DeviceSampler.sample`."""
     rows, vocab = scores.shape
+    if not (flags.top_p or flags.top_k):
+        k = 1  # only the row's maximum is needed
     values, ids = scores.topk(k, dim=1)  # sorted descending
     next_ids = torch.empty(rows, dtype=torch.int64, device=scores.device)
     pending = torch.empty(rows, dtype=torch.bool, device=scores.device)
