@@ -11,7 +11,8 @@ greedy and with Qwen's chat sampling defaults (top_p 0.8, repetition_penalty 1.1
 generation_config.json), ignore_eos so every run makes exactly --new-tokens tokens; the random head is scaled so that
 the logits are peaked as a language model's (a top-p 0.8 nucleus of a few to ~50 tokens; before 2026-11-30 they were
 flat, and the chat rows measured the sampler's rare exact-search path instead). tok/s counts the tokens after the
-first one, from the first token's time to the last one's.
+first one, from the first token's time to the last one's. At batch 1, per weight variant: time to first token of a
+fresh --ttft-prompt-token prompt (2048) against decoding that many tokens one by one at the greedy speed.
 roofline tok/s = batch x copy bandwidth (measured here) / bytes read per step (every weight once, one embedding row,
 and the KV cache at the middle of the run). fastref: .bench/fastref.py at the same batch, cache 1024, greedy.
 Correctness in the same run: every greedy token must be the argmax (up to rounding) of a cache-free forward over the
@@ -110,6 +111,20 @@ def decode_speed(llm: LLM, prompts, new_tokens: int, mode: str) -> tuple[dict, l
     return {"tok_s": len(prompts) * (new_tokens - 1) / (last - first), "wrong_token_counts": wrong}, outs
 
 
+def time_to_first_token(llm: LLM, cfg: QwenConfig, length: int, decode_tok_s: float) -> dict:
+    """Seconds from `generate` to the first token of a fresh `length`-token prompt (another one of that length first,
+    for the prefill kernels and the cache), against length / decode tok/s (PERFORMANCE.md: under 10%)."""
+    g = torch.Generator().manual_seed(2)
+    warm, timed = (torch.randint(0, cfg.vocab_size, (length,), generator=g).tolist() for _ in range(2))
+    one = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)
+    llm.generate(warm, one)
+    t0 = time.perf_counter()
+    out = llm.generate(timed, one)
+    ttft = out.metrics["first_token"] - t0
+    decode = length / decode_tok_s
+    return {"prompt": length, "ttft_s": ttft, "decode_s": decode, "ratio": ttft / decode}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true")
@@ -120,6 +135,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--kv-cache", default="auto", choices=["auto", "int8"])
     ap.add_argument("--max-model-len", type=int, help="default: the engine's own (32768)")
+    ap.add_argument("--ttft-prompt", type=int, default=2048, help="prompt length of the time-to-first-token row "
+                    "(0: none)")
     ap.add_argument("--no-fastref", action="store_true")
     ap.add_argument("--fastref-timeout", type=float, default=75, help="seconds for fastref (it compiles first)")
     args = ap.parse_args()
@@ -139,7 +156,9 @@ def main():
     bw = copy_bandwidth(device)
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "tiny": args.tiny,
            "copy_bandwidth_B_s": bw, "batch": args.batch, "context": context, "new_tokens": new,
-           "kv_cache": args.kv_cache, "engine_args": engine_args, "chat_sampling": QWEN_CHAT_SAMPLING, "rows": []}
+           "kv_cache": args.kv_cache, "engine_args": engine_args, "chat_sampling": QWEN_CHAT_SAMPLING, "rows": [],
+           "ttft": []}
+    ttft_len = min(args.ttft_prompt, 64) if args.tiny else args.ttft_prompt
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, cfg.vocab_size, (context,), generator=g).tolist() for _ in range(args.batch)]
     for variant in variants:
@@ -163,6 +182,13 @@ def main():
             write_json(res, name)
             print(f"{variant} {mode}: {row['tok_s']:.1f} tok/s (setup {setup_s:.0f} s), greedy gap {gap:.3g}, "
                   f"{'ok' if row['ok'] else 'WRONG'}", flush=True)
+        greedy_row = next((r for r in res["rows"] if r["variant"] == variant and r["mode"] == "greedy"), None)
+        if ttft_len and greedy_row and args.batch == 1:
+            res["ttft"].append(dict(variant=variant, **time_to_first_token(llm, cfg, ttft_len, greedy_row["tok_s"])))
+            write_json(res, name)
+            t = res["ttft"][-1]
+            print(f"{variant} time to first token, {ttft_len}-token prompt: {1e3 * t['ttft_s']:.1f} ms = "
+                  f"{100 * t['ratio']:.1f}% of decoding its tokens one by one", flush=True)
         llm.close()
         del model, llm
         if device.type == "cuda":
@@ -183,9 +209,13 @@ def main():
               f"{(100 * r['tok_s'] / roof if roof else float('nan')):>7.0f}%"
               f"{(r['tok_s'] / base if base else float('nan')):>8.2f}{(r['tok_s'] / ref if ref else float('nan')):>10.2f}"
               f"  {'ok' if r['ok'] else 'WRONG'}")
+    for t in res["ttft"]:
+        print(f"{t['variant']:<8}time to first token ({t['prompt']} tokens) {1e3 * t['ttft_s']:.1f} ms = "
+              f"{100 * t['ratio']:.1f}% of decoding them one by one ({1e3 * t['decode_s']:.0f} ms)")
     if res.get("fastref", {}).get("error"):
         print("fastref:", res["fastref"]["error"])
-    print("targets (PERFORMANCE.md): bf16 >= 85% of roofline and >= 1.3x fastref; int4 >= 2.5x bf16")
+    print("targets (PERFORMANCE.md): bf16 >= 85% of roofline and >= 1.3x fastref; int4 >= 2.5x bf16; time to first "
+          "token (2k prompt) < 10% of decoding the prompt's tokens one by one")
     sys.exit(0 if all(r["ok"] for r in res["rows"]) else 1)
 
 
