@@ -11,7 +11,7 @@ launch specializes them; with Triton's bundled ptxas it prints registers, spills
 Workloads (Qwen-7B's head dim 128, a small model): bf16 with the bf16 KV cache, int8 KV (default and qwen modes) and
 fp16 GPTQ int4/int8, each a 100-token prefill, a 20-token chunk over a cached prefix and decode steps at batch 1 and
 16 (attention, KV stores, norms, RoPE, SiLU, GEMV/GEMM, paged decode and its reduction); the fused sampler's draw
-variants. Not covered: the LoRA kernels.
+variants; the LoRA shrink/expand kernels.
 
     python benchmarks/compile_check.py              # every recorded variant; exit 1 if one fails to build
     python benchmarks/compile_check.py --no-ptxas   # the same to PTX only (tests/test_benchmarks.py runs this)
@@ -152,6 +152,16 @@ def workloads(quick: bool):
             sampler.sample(torch.randn(4, vocab, dtype=torch.bfloat16), torch.arange(4),
                            flags.for_graph() if graph else flags)
         yield f"sampler vocab {vocab}"
+    if not quick:  # unmerged LoRA: shrink + expand at decode and prefill rows, 1 to 3 stacked outputs (c_attn)
+        from nanoqwen.kernels.lora import add_lora
+        for dtype in (torch.bfloat16, torch.float16):
+            for rows in (1, 100):
+                for stacked in (1, 3):
+                    x = torch.randn(rows, 256, dtype=dtype)
+                    add_lora(x, torch.randn(rows, 256 * stacked, dtype=dtype),
+                             torch.randn(4, stacked * 16, 256, dtype=dtype), torch.randn(4, 256 * stacked, 16, dtype=dtype),
+                             torch.ones(4, stacked), torch.zeros(rows, dtype=torch.int64))
+        yield "LoRA shrink/expand"
 
 
 def ptxas_report(ptx: str) -> str:

@@ -123,7 +123,7 @@ def test_a_killed_benchmark_keeps_what_it_measured(env, tmp_path):
 def test_every_recorded_kernel_variant_builds_for_sm90():
     """Triton's interpreter runs the kernel tests but does not type-check a kernel (one type per name through loops
     and runtime branches, constexpr rules): the compiler does. benchmarks/compile_check.py records the launches of a
-    model's prefill, chunk and decode steps (bf16, int8 KV in both modes, GPTQ int4/int8) and of the fused sampler on
+    model's prefill, chunk and decode steps (bf16, int8 KV in both modes, GPTQ int4/int8), of unmerged LoRA and of the fused sampler on
     the CUDA code path with the GPU's tile choices, and builds every distinct variant for sm_90, without a GPU."""
     pytest.importorskip("triton")
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "compile_check.py"
@@ -134,5 +134,6 @@ def test_every_recorded_kernel_variant_builds_for_sm90():
     built = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("ok ")]
     for kernel in ("flash_attention._flash_attn_kernel", "paged_attention._paged_attn_kernel",
                    "kv_store._store_qwen_kernel", "gptq_matmul._gptq_magic_kernel", "gemv._linear_gemv_kernel",
-                   "rms_norm._rms_norm_kernel", "sampling._draw_kernel", "sampling._scores_kernel"):
+                   "rms_norm._rms_norm_kernel", "sampling._draw_kernel", "sampling._scores_kernel",
+                   "lora._lora_shrink_kernel", "lora._lora_expand_kernel"):
         assert kernel in built, f"{kernel} was not launched by the recorded workloads:\n{r.stdout[-3000:]}"
