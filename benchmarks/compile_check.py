@@ -188,7 +188,7 @@ def build(kernel, signature: dict, constexprs: dict, divisible: list, options: d
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                                   options=options)
     except Exception as e:  # the compiler's message names the line and the reason
-        return False, f"{type(e).__name__}: {str(e).strip()[-1500:]}"
+        return False, f"{type(e).__name__}: {str(e).strip()[-1500:]}" + (f" <- caused by: {str(e.__cause__).strip()[-1500:]}" if e.__cause__ else "")
     return True, f"shared {compiled.metadata.shared} B" + (f"; {ptxas_report(compiled.asm['ptx'])}" if ptxas else "")
 
 

@@ -329,7 +329,8 @@ class DeviceSampler:
     Fused (`fused`, the default where the Triton kernels run: CUDA, or NANOQWEN_KERNELS=triton with `capturable`):
     `sample` for sampled batches is three launches (nanoqwen/kernels/sampling.py: penalties + temperature, topk, one
     program per row for the mass, the order of the candidates, the draw and the state) instead of about a hundred
-    small torch ops; the same tokens, pending rows and state. Rows left pending are drawn by `complete` as above.
+    small torch ops; the same tokens and state, and never a pending row: the kernel runs the exact search itself
+    for the rows the candidates do not answer, so `complete` is only the copy and no step waits for its tokens.
 
     CUDA graphs: everything in `sample` has shapes fixed by (B, vocab, flags, num_candidates) and branches only on
     host flags. Capture it per (batch bucket, flags.for_graph()), for example "greedy" and "full" per bucket, with
@@ -490,14 +491,15 @@ class DeviceSampler:
         return out
 
     def _sample_fused(self, logits: torch.Tensor, slots: torch.Tensor, flags: SamplerFlags) -> SamplerOutput:
-        """`sample` in three launches (nanoqwen/kernels/sampling.py): the same tokens, pending rows and state.
+        """`sample` in three launches (nanoqwen/kernels/sampling.py): the same tokens and state, with no row pending
+        (the kernel runs the exact search itself for the rare rows the candidates do not answer).
         Should the kernels fail on their first call (before any state changed: a Triton build or compile error),
         the sampler says so once and keeps to the torch path."""
         from .kernels.sampling import sampler_draw, sampler_scores
         k = min(self.vocab_size, max(self.num_candidates, flags.top_k))
         try:
             scores = sampler_scores(self, logits if logits.stride(1) == 1 else logits.contiguous(), slots, flags)
-            next_ids, pending = sampler_draw(self, scores, slots, flags, k)
+            next_ids = sampler_draw(self, scores, slots, flags, k)
         except Exception as e:
             if self._fused_ran:
                 raise
@@ -507,7 +509,7 @@ class DeviceSampler:
             self.fused = False
             return self.sample(logits, slots, flags)
         self._fused_ran = True
-        return self._logprobs(SamplerOutput(next_ids=next_ids, pending=pending), logits, flags)
+        return self._logprobs(SamplerOutput(next_ids=next_ids), logits, flags)
 
     def complete(self, out: SamplerOutput, logits: torch.Tensor, slots, flags: SamplerFlags | None = None
                  ) -> list[int]:

@@ -1,7 +1,8 @@
 """The fused sampling kernels (nanoqwen/kernels/sampling.py) against the torch DeviceSampler they replace.
 
 Without a GPU they run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1). The claim is equality:
-the same scores bit for bit, the same tokens, pending rows and sampler state. Both paths use integer masses from an
+the same scores bit for bit, the same tokens (the fused draw's at once, the torch path's after `complete`) and
+sampler state. Both paths use integer masses from an
 fp64 exp; where two exp implementations differ by an ulp a mass moves by a few units in 2^bits, which changes a draw
 with probability below 2^-40 (nanoqwen/kernels/sampling.py), so exact equality is the assertion.
 """
@@ -75,8 +76,9 @@ def test_scores_equal_the_torch_path_bit_for_bit(seed, dtype):
 @pytest.mark.parametrize("num_candidates,vocab", [(8, 300), (64, 300), (1024, 300), (32, 1000)])
 @pytest.mark.parametrize("graph_flags", [False, True])
 def test_fused_draws_equal_the_torch_path(seed, num_candidates, vocab, graph_flags):
-    """Step after step, with pad rows sharing the scratch slot: the same next ids and pending rows from `sample`,
-    the same tokens after `complete`, and the same state (steps, seen, counts)."""
+    """Step after step, with pad rows sharing the scratch slot: the fused `sample` gives every row its token at once
+    (no pending rows: the kernel runs the exact search for rows past the candidates) equal to the torch path's after
+    its `complete`, and the same state (steps, seen, counts)."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     rows = 12
     params = _params(rng, rows)
@@ -89,24 +91,43 @@ def test_fused_draws_equal_the_torch_path(seed, num_candidates, vocab, graph_fla
     slots = torch.tensor(slot_list, device=DEVICE)
     flags = fused.flags(slot_list)
     flags = flags.for_graph() if graph_flags else flags
-    pending = answered = 0
+    searched = 0
     for step in range(4):
         logits = _logits(gen, len(slot_list), vocab, rng.choice([torch.float32, torch.bfloat16]))
         logits[0] = torch.randn(vocab, generator=gen).to(logits) * 0.05  # a nucleus of ~97% of the row
         got, expected = fused.sample(logits, slots, flags), reference.sample(logits, slots, flags)
         where = f"seed {seed}, step {step}"
-        assert torch.equal(got.pending, expected.pending), where
-        sure = ~expected.pending
-        assert torch.equal(got.next_ids[sure], expected.next_ids[sure]), where
-        pending, answered = pending + int(expected.pending.sum()), answered + int(sure[:len(live)].sum())
-        tokens = fused.complete(got, logits, slots, flags)
-        assert tokens == reference.complete(expected, logits, slots, flags), where
+        assert got.pending is None, where
+        searched += int(expected.pending[:len(live)].sum())
+        tokens = reference.complete(expected, logits, slots, flags)
+        assert got.next_ids.tolist() == tokens, where
+        assert fused.complete(got, logits, slots, flags) == tokens, where  # only the copy
         assert torch.equal(fused.steps, reference.steps), where
         assert torch.equal(fused.seen[:rows], reference.seen[:rows]), where
         assert torch.equal(fused.counts, reference.counts), where
-    assert fused.fused and answered > 0  # the kernels ran throughout (no fall-back) and answered rows
+    assert fused.fused  # the kernels ran throughout (no fall-back)
     if num_candidates < 64:
-        assert pending > 0, "the flat top-p row's nucleus exceeds the candidates: both branches must run"
+        assert searched > 0, "the flat top-p row's nucleus exceeds the candidates: the exact search must run"
+
+
+def test_the_exact_search_in_the_kernel_on_ties_and_top_k(seed):
+    """Rows whose nucleus lies past the candidates, on coarse grids full of exact ties (the search's last step picks
+    a token inside a tie group by id), with top-k too: the kernel's tokens equal the torch path's exact search."""
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    vocab, rows = 257, 8
+    params = [SamplingParams(temperature=rng.choice([0.5, 1.0, 3.0]), top_p=rng.choice([0.6, 0.9, 0.99]),
+                             top_k=rng.choice([0, 0, 100, 250]), repetition_penalty=rng.choice([1.0, 1.3]),
+                             seed=rng.randrange(1 << 40)) for _ in range(rows)]
+    fused, reference = _pair(params, vocab, [[1, 2, 3, 4]] * rows, 4)
+    slots = list(range(rows))
+    searched = 0
+    for step in range(6):
+        logits = (torch.randint(-3, 3, (rows, vocab), generator=gen) / 8).to(DEVICE)  # 6 values: huge tie groups
+        got, expected = fused.sample(logits, slots), reference.sample(logits, slots)
+        searched += int(expected.pending.sum())
+        assert got.next_ids.tolist() == reference.complete(expected, logits, slots), f"seed {seed}, step {step}"
+    assert searched > rows, "these flat rows must take the exact search"
+    assert torch.equal(fused.seen, reference.seen) and torch.equal(fused.steps, reference.steps)
 
 
 def test_logprobs_come_with_the_fused_draw(seed):
