@@ -149,9 +149,10 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------------- a step
     def launch(self, batch: list[tuple[Sequence, int]]) -> LaunchedStep:
         """Queue the device work of a batch (each sequence computes its `n` tokens from `num_computed` on) and the
-        copy of the sampled tokens to the host. A batch returns without waiting for either unless a row has top-p
-        and the sampler left rows pending: then it waits for its tokens here, since the sampler may have to finish
-        top-p rows on the host's word (`DeviceSampler.complete`) before the next step may read them."""
+        copy of the sampled tokens to the host. A batch returns without waiting for either unless the sampler left
+        rows pending (the torch sampler's top-p rows past its candidates; the fused draw, the CUDA default, never
+        does): then it waits for its tokens here, since `DeviceSampler.complete` must draw those rows before the
+        next step may read them."""
         self._prepare_slots(batch)
         sampled = [seq for seq, n in batch if seq.num_computed + n == seq.num_tokens]
         flags = self.sampler.flags([s.slot for s in sampled]) if sampled else None
