@@ -316,7 +316,19 @@ def merge_adapter(model: nn.Module, adapter: LoraAdapter) -> nn.Module:
 
 # ----------------------------------------------------------------------------------------------- unmerged
 
-class LoRALinear(nn.Module):
+class _Wrapped(nn.Module):
+    """A module around a linear `base` that reads as one: its in_features and out_features."""
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+
+class LoRALinear(_Wrapped):
     """A linear (nn.Linear or GPTQLinear, kept as `base`) plus, for each token row, its adapter's low-rank product.
 
     Slot buffers (every slot preallocated, zero when empty: a CUDA graph reads them in place):
@@ -331,14 +343,6 @@ class LoRALinear(nn.Module):
                              persistent=False)
         self.register_buffer("lora_b", torch.zeros(L, base.out_features, R, dtype=dt, device=dev), persistent=False)
         self.register_buffer("lora_scale", torch.zeros(L, slices, dtype=torch.float32, device=dev), persistent=False)
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def set_slice(self, slot: int, j: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
         R, width = self.manager.padded_rank, self.out_features // self.slices
@@ -513,7 +517,7 @@ class LoraManager:
 
 # ----------------------------------------------------------------------------------------------- trained
 
-class TrainableLoRALinear(nn.Module):
+class TrainableLoRALinear(_Wrapped):
     """A frozen linear (`base`: nn.Linear or GPTQLinear) plus trainable LoRA weights: fine-tuning.
 
     peft's semantics per adapted official linear, carried onto nanoqwen's fused ones: output slice j (of
@@ -539,14 +543,6 @@ class TrainableLoRALinear(nn.Module):
             self.lora_A[name] = nn.Parameter(A.to(device))
             self.lora_B[name] = nn.Parameter(torch.zeros(width, r, dtype=torch.float32, device=device))
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 
 from .kernels import use_triton
+from .kernels import sampling as sampling_kernels
 
 __all__ = [
     "SamplingParams", "DeviceSampler", "SamplerFlags", "SamplerOutput", "random_seed", "GREEDY_TEMPERATURE",
@@ -495,11 +496,11 @@ class DeviceSampler:
         (the kernel runs the exact search itself for the rare rows the candidates do not answer).
         Should the kernels fail on their first call (before any state changed: a Triton build or compile error),
         the sampler says so once and keeps to the torch path."""
-        from .kernels.sampling import sampler_draw, sampler_scores
         k = min(self.vocab_size, max(self.num_candidates, flags.top_k))
         try:
-            scores = sampler_scores(self, logits if logits.stride(1) == 1 else logits.contiguous(), slots, flags)
-            next_ids = sampler_draw(self, scores, slots, flags, k)
+            rows = logits if logits.stride(1) == 1 else logits.contiguous()
+            scores = sampling_kernels.sampler_scores(self, rows, slots, flags)
+            next_ids = sampling_kernels.sampler_draw(self, scores, slots, flags, k)
         except Exception as e:
             if self._fused_ran:
                 raise

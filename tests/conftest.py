@@ -164,3 +164,67 @@ def int8_noise_envelope(model, ids: list[int], n_prefill: int, mode: str, draws:
             logits.append(out[0])
             spread.append((out[1:] - out[0]).abs().amax(dim=(0, 2)))
     return torch.cat(logits), torch.cat(spread)
+
+
+# ---------------------------------------------------------------------------------------------- kernel tests
+
+@pytest.fixture
+def kernel_seed() -> int:
+    """A fresh seed every run, printed (shown with any failure); KERNEL_TEST_SEED=<seed> replays one."""
+    seed = int(os.environ.get("KERNEL_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"KERNEL_TEST_SEED={seed}")
+    return seed
+
+
+@pytest.fixture
+def rng(kernel_seed) -> torch.Generator:
+    """A generator from `kernel_seed` (`rng.initial_seed()` is quoted in the messages)."""
+    return torch.Generator().manual_seed(kernel_seed)
+
+
+# A prelude for subprocess code that must run as on a CPU install without Triton: importing triton fails.
+NO_TRITON = """
+import sys
+class NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("no triton here")
+sys.meta_path.insert(0, NoTriton())
+"""
+
+
+# ---------------------------------------------------------------------------------------------- LoRA and GPTQ
+
+@pytest.fixture(scope="session")
+def lora_dir(golden) -> Path:
+    path = golden / "qwen-tiny" / "lora"
+    if not path.is_dir():
+        pytest.skip("golden LoRA data (qwen-tiny/lora) not found")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lora_ref(lora_dir) -> dict:
+    return json.loads((lora_dir / "reference.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def lora_tensors(lora_dir) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(lora_dir / "reference.safetensors"))
+
+
+def dequantized_copy(model):
+    """An fp32 Qwen whose linears hold a GPTQ model's dequantized weights (GPTQLinear.dequantize) and biases."""
+    import dataclasses
+    from nanoqwen import Qwen
+    from nanoqwen.quant.gptq import GPTQLinear
+    fp = Qwen(dataclasses.replace(model.config, quantization_config=None))
+    gptq = {name: m for name, m in model.named_modules() if isinstance(m, GPTQLinear)}
+    sd = {name: t.float() for name, t in model.state_dict().items() if name.rsplit(".", 1)[0] not in gptq}
+    for name, module in gptq.items():
+        sd[name + ".weight"] = module.dequantize()
+        if name.endswith("c_attn"):
+            sd[name + ".bias"] = module.bias.float()
+    fp.load_state_dict(sd, strict=True)
+    return fp.eval().requires_grad_(False)

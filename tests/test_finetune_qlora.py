@@ -6,46 +6,22 @@ in fp32 the torch path computes exactly that matmul, so LoRA gradients agree to 
 Triton GPTQ kernel (interpreter, fp32) the forward sums in another order: held to the golden README's gradient noise
 (1e-5 of each tensor's largest value) twice, as in test_finetune.py.
 """
-import dataclasses
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoqwen import Qwen
 from nanoqwen.checkpoint import load_model
 from nanoqwen.finetune import Trainer, batch_nll
 from nanoqwen.lora import LoraManager, _trained_layers, add_trainable_lora, read_adapter, set_trainable_lora
-from nanoqwen.quant.gptq import GPTQLinear
+from conftest import dequantized_copy
 from test_finetune import GRAD_NOISE, MERGED_ATOL, golden_rows, logits_of, qa_records, train_args, write_json
 
 BITS = ["int4", "int8"]
 
 
-@pytest.fixture(scope="session")
-def lora_ref(golden):
-    path = golden / "qwen-tiny" / "lora" / "reference.json"
-    if not path.is_file():
-        pytest.skip("golden LoRA data (qwen-tiny/lora) not found")
-    return json.loads(path.read_text())
-
-
 def gptq_ckpt(golden, bits):
     return golden / f"qwen-tiny-{bits}" / "checkpoint"
-
-
-def dequantized_copy(model):
-    """An fp32 Qwen whose linears hold the GPTQ model's dequantized weights (and biases)."""
-    fp = Qwen(dataclasses.replace(model.config, quantization_config=None))
-    gptq = {name: m for name, m in model.named_modules() if isinstance(m, GPTQLinear)}
-    sd = {name: t.float() for name, t in model.state_dict().items() if name.rsplit(".", 1)[0] not in gptq}
-    for name, module in gptq.items():
-        sd[name + ".weight"] = module.dequantize()
-        if name.endswith("c_attn"):
-            sd[name + ".bias"] = module.bias.float()
-    fp.load_state_dict(sd, strict=True)
-    return fp.requires_grad_(False)
 
 
 def lora_grads(model, lora_dir, lora_ref):

@@ -5,7 +5,6 @@ Inputs are fresh random every run (the seed is in every message; KERNEL_TEST_SEE
 NaN-poisoned before the kernel. Tolerances: two units of the output dtype's eps, relative to the norm (the output is
 rounded once, half an eps per element; the fp32 sums add far less), 1e-5 for fp32 (K-term fp32 sums).
 """
-import os
 
 import pytest
 import torch
@@ -19,13 +18,6 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])  # the interpreter's bf16 tl.dot is wrong
 TOL = {torch.float32: 1e-5, torch.float16: 2 * 2**-10, torch.bfloat16: 2 * 2**-7}
-
-
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("KERNEL_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"KERNEL_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def randn(gen, *shape, dtype=torch.float32, scale=1.0):

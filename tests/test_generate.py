@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import NO_TRITON, ROOT
 from nanoqwen import LLM, SamplingParams
 
 
@@ -250,13 +250,7 @@ def test_runs_without_triton(tiny_ckpt, tiny_ref):
     """A CPU install without Triton (CPU builds of PyTorch do not bring it): nanoqwen imports, generates through the
     torch references, and NANOQWEN_KERNELS=triton says what is missing."""
     case = tiny_ref["cases"]["fp32/generate/text"]
-    code = f"""
-import sys
-class NoTriton:
-    def find_spec(self, name, path=None, target=None):
-        if name == "triton" or name.startswith("triton."):
-            raise ImportError("no triton here")
-sys.meta_path.insert(0, NoTriton())
+    code = NO_TRITON + f"""
 import os, torch
 from nanoqwen import LLM, SamplingParams
 from nanoqwen.kernels import HAVE_TRITON

@@ -127,14 +127,6 @@ def test_gptq_linear_uses_kernels(monkeypatch):
 MAGIC_TOL = {torch.float32: 1e-5, torch.float16: 2 * 2**-10, torch.bfloat16: 2 * 2**-7}
 
 
-@pytest.fixture
-def rng():
-    """A fresh seed every run, quoted in the messages; KERNEL_TEST_SEED=<seed> replays one."""
-    seed = int(os.environ.get("KERNEL_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"KERNEL_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
-
-
 def magic_layer(gen, K, N, bits, group_size, act_order, zeros):
     """Random planar weights with zeros "sym" (all 2^(bits-1)), "random" (1 .. 2^bits) or "extreme" (0 and 2^bits:
     the ends of the range the magic-number subtraction must take without a borrow)."""

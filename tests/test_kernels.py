@@ -4,7 +4,6 @@ Without a GPU the kernels run in Triton's CPU interpreter (small shapes, fp32 an
 `tl.dot` is wrong); on a GPU the same tests compile them for real and add bf16. Inputs are fresh random every run:
 the seed is in every assertion message, and KERNEL_TEST_SEED=<seed> replays a run.
 """
-import os
 
 import torch
 
@@ -19,14 +18,6 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # kernels without tl.dot: bf16 is right interpreted
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 NAN = float("nan")
-
-
-@pytest.fixture
-def rng():
-    """A fresh seed every run (`initial_seed()` is quoted in the messages); KERNEL_TEST_SEED=<seed> replays one."""
-    seed = int(os.environ.get("KERNEL_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"KERNEL_TEST_SEED={seed}")  # shown with any failure, an exception included
-    return torch.Generator().manual_seed(seed)
 
 
 def randn(gen, *shape, dtype=torch.float32):

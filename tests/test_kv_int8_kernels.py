@@ -16,7 +16,7 @@ import pytest
 
 from nanoqwen.kv_cache import KVCache
 from nanoqwen.quant.kv_int8 import store_kv_int8_ref
-from test_kernels import (DEVICE, DTYPES, NAN, check, paged_layout, qkv, randint, randn, rng,  # noqa: F401
+from test_kernels import (DEVICE, DTYPES, NAN, check, paged_layout, qkv, randint, randn,  # noqa: F401
                           rope_args, slots_of)
 from conftest import int8_noise_envelope
 from test_kv_int8 import argmax_within_noise, model, run_int8, within_noise  # noqa: F401  (model: fp32, CPU)

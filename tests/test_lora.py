@@ -6,7 +6,6 @@ packed batch against the same sequence run alone get the same 1e-4: the base mod
 in the logits there (matmuls over 218 rows instead of 30 block and round differently), beyond the 1e-5 of
 tests/test_model_golden.py's batch of two equal-length rows.
 """
-import dataclasses
 import json
 import shutil
 
@@ -14,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_paged
+import conftest
+from conftest import NO_TRITON, run_paged
 from nanoqwen import Qwen
 from nanoqwen.attention import AttentionMetadata
 from nanoqwen.checkpoint import load_model
@@ -26,24 +26,6 @@ ATOL = 1e-4
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="session")
-def lora_dir(golden):
-    path = golden / "qwen-tiny" / "lora"
-    if not path.is_dir():
-        pytest.skip("golden LoRA data (qwen-tiny/lora) not found")
-    return path
-
-
-@pytest.fixture(scope="session")
-def lora_ref(lora_dir):
-    return json.loads((lora_dir / "reference.json").read_text())
-
-
-@pytest.fixture(scope="session")
-def lora_tensors(lora_dir):
-    return load_file(str(lora_dir / "reference.safetensors"))
-
 
 @pytest.fixture(scope="session")
 def adapter_dir(lora_dir):
@@ -296,19 +278,12 @@ def test_slots_are_reused_clean(tiny_ckpt, adapters, lora_ref):
 # ----------------------------------------------------------------------------------------------- GPTQ base
 
 def dequantized_copy(model):
-    """An fp32 Qwen with the GPTQ model's weights dequantized (GPTQLinear.dequantize)."""
+    """conftest.dequantized_copy, after checking that the GPTQ linears without a bias store zeros (AutoGPTQ)."""
     from nanoqwen.quant.gptq import GPTQLinear
-    fp = Qwen(dataclasses.replace(model.config, quantization_config=None))
-    gptq = {name: m for name, m in model.named_modules() if isinstance(m, GPTQLinear)}
-    sd = {name: t.float() for name, t in model.state_dict().items() if name.rsplit(".", 1)[0] not in gptq}
-    for name, module in gptq.items():
-        sd[name + ".weight"] = module.dequantize()
-        if name.endswith("c_attn"):
-            sd[name + ".bias"] = module.bias.float()
-        else:
+    for name, module in model.named_modules():
+        if isinstance(module, GPTQLinear) and not name.endswith("c_attn"):
             assert not module.bias.any()  # no_bias: AutoGPTQ stores zeros
-    fp.load_state_dict(sd, strict=True)
-    return fp.eval()
+    return conftest.dequantized_copy(model)
 
 
 def test_gptq_base_against_dequantize_then_merge(golden, adapters, lora_ref, monkeypatch):
@@ -512,13 +487,7 @@ def test_runs_without_triton(tiny_ckpt, adapter_dir, lora_ref, lora_tensors, tmp
     from conftest import ROOT
     case = lora_ref["cases"]["lora/forward/text"]
     save_file({"want": lora_tensors["lora/forward/text/last_logits"]}, str(tmp_path / "want.safetensors"))
-    code = f"""
-import sys
-class NoTriton:
-    def find_spec(self, name, path=None, target=None):
-        if name == "triton" or name.startswith("triton."):
-            raise ImportError("no triton here")
-sys.meta_path.insert(0, NoTriton())
+    code = NO_TRITON + f"""
 import torch
 from safetensors.torch import load_file
 from nanoqwen import Qwen

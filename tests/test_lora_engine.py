@@ -13,11 +13,6 @@ from nanoqwen import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")
-def lora_dir(golden):
-    return golden / "qwen-tiny" / "lora"
-
-
-@pytest.fixture(scope="module")
 def adapter(lora_dir):
     return lora_dir / "adapter"
 

@@ -5,7 +5,6 @@ Without a GPU the kernels run in Triton's CPU interpreter (tests/conftest.py set
 fp32 and fp16: the interpreter's bf16 tl.dot is wrong); on a GPU the same tests compile them and add bf16. Inputs are
 fresh random every run: the seed is in every assertion message, and KERNEL_TEST_SEED=<seed> replays a run.
 """
-import os
 
 import pytest
 import torch
@@ -16,13 +15,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # as tests/test_kernels.py
 NAN = float("nan")
-
-
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("KERNEL_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"KERNEL_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def randint(gen, lo, hi):

@@ -6,7 +6,6 @@ sampler state. Both paths use integer masses from an
 fp64 exp; where two exp implementations differ by an ulp a mass moves by a few units in 2^bits, which changes a draw
 with probability below 2^-40 (nanoqwen/kernels/sampling.py), so exact equality is the assertion.
 """
-import os
 import random
 import warnings
 
@@ -19,13 +18,6 @@ from nanoqwen.sampling import DeviceSampler, SamplingParams
 
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="needs Triton (the test extra installs it)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture
-def seed():
-    seed = int(os.environ.get("KERNEL_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"KERNEL_TEST_SEED={seed}")
-    return seed
 
 
 def _params(rng: random.Random, rows: int) -> list[SamplingParams]:
@@ -58,8 +50,8 @@ def _pair(params, vocab, prompts, num_candidates):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_scores_equal_the_torch_path_bit_for_bit(seed, dtype):
-    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+def test_scores_equal_the_torch_path_bit_for_bit(kernel_seed, dtype):
+    rng, gen = random.Random(kernel_seed), torch.Generator().manual_seed(kernel_seed)
     vocab, rows = 333, 9
     params = _params(rng, rows)
     prompts = [[rng.randrange(vocab) for _ in range(rng.randrange(30))] for _ in range(rows)]
@@ -70,20 +62,20 @@ def test_scores_equal_the_torch_path_bit_for_bit(seed, dtype):
     assert flags.repetition and flags.counts and flags.temperature, "the draw of params must turn every stage on"
     got = sampling_kernels.sampler_scores(fused, logits, slots, flags)
     expected = fused._scores(logits.float(), slots, flags)
-    assert torch.equal(got, expected), f"seed {seed}: max |diff| {(got - expected).abs().max()}"
+    assert torch.equal(got, expected), f"seed {kernel_seed}: max |diff| {(got - expected).abs().max()}"
 
 
 @pytest.mark.parametrize("num_candidates,vocab", [(8, 300), (64, 300), (1024, 300), (32, 1000)])
 @pytest.mark.parametrize("graph_flags", [False, True])
-def test_fused_draws_equal_the_torch_path(seed, num_candidates, vocab, graph_flags):
+def test_fused_draws_equal_the_torch_path(kernel_seed, num_candidates, vocab, graph_flags):
     """Step after step, with pad rows sharing the scratch slot: the fused `sample` gives every row its token at once
     (no pending rows: the kernel runs the exact search for rows past the candidates) equal to the torch path's after
     its `complete`, and the same state (steps, seen, counts)."""
-    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    rng, gen = random.Random(kernel_seed), torch.Generator().manual_seed(kernel_seed)
     rows = 12
     params = _params(rng, rows)
     live = rng.sample(range(rows), 9)
-    params[live[0]] = SamplingParams(temperature=1.7, top_p=0.97, seed=seed)  # drawn from flat rows: pending
+    params[live[0]] = SamplingParams(temperature=1.7, top_p=0.97, seed=kernel_seed)  # drawn from flat rows: pending
     prompts = [[rng.randrange(vocab) for _ in range(rng.randrange(30))] for _ in range(rows)]
     fused, reference = _pair(params, vocab, prompts, num_candidates)
     assert fused.fused and not reference.fused
@@ -96,7 +88,7 @@ def test_fused_draws_equal_the_torch_path(seed, num_candidates, vocab, graph_fla
         logits = _logits(gen, len(slot_list), vocab, rng.choice([torch.float32, torch.bfloat16]))
         logits[0] = torch.randn(vocab, generator=gen).to(logits) * 0.05  # a nucleus of ~97% of the row
         got, expected = fused.sample(logits, slots, flags), reference.sample(logits, slots, flags)
-        where = f"seed {seed}, step {step}"
+        where = f"seed {kernel_seed}, step {step}"
         assert got.pending is None, where
         searched += int(expected.pending[:len(live)].sum())
         tokens = reference.complete(expected, logits, slots, flags)
@@ -110,10 +102,10 @@ def test_fused_draws_equal_the_torch_path(seed, num_candidates, vocab, graph_fla
         assert searched > 0, "the flat top-p row's nucleus exceeds the candidates: the exact search must run"
 
 
-def test_the_exact_search_in_the_kernel_on_ties_and_top_k(seed):
+def test_the_exact_search_in_the_kernel_on_ties_and_top_k(kernel_seed):
     """Rows whose nucleus lies past the candidates, on coarse grids full of exact ties (the search's last step picks
     a token inside a tie group by id), with top-k too: the kernel's tokens equal the torch path's exact search."""
-    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    rng, gen = random.Random(kernel_seed), torch.Generator().manual_seed(kernel_seed)
     vocab, rows = 257, 8
     params = [SamplingParams(temperature=rng.choice([0.5, 1.0, 3.0]), top_p=rng.choice([0.6, 0.9, 0.99]),
                              top_k=rng.choice([0, 0, 100, 250]), repetition_penalty=rng.choice([1.0, 1.3]),
@@ -125,16 +117,16 @@ def test_the_exact_search_in_the_kernel_on_ties_and_top_k(seed):
         logits = (torch.randint(-3, 3, (rows, vocab), generator=gen) / 8).to(DEVICE)  # 6 values: huge tie groups
         got, expected = fused.sample(logits, slots), reference.sample(logits, slots)
         searched += int(expected.pending.sum())
-        assert got.next_ids.tolist() == reference.complete(expected, logits, slots), f"seed {seed}, step {step}"
+        assert got.next_ids.tolist() == reference.complete(expected, logits, slots), f"seed {kernel_seed}, step {step}"
     assert searched > rows, "these flat rows must take the exact search"
     assert torch.equal(fused.seen, reference.seen) and torch.equal(fused.steps, reference.steps)
 
 
-def test_logprobs_come_with_the_fused_draw(seed):
+def test_logprobs_come_with_the_fused_draw(kernel_seed):
     vocab = 200
     params = [SamplingParams(top_p=0.8, repetition_penalty=1.1, logprobs=3, seed=i) for i in range(4)]
     fused, reference = _pair(params, vocab, [[1, 2, 3]] * 4, 32)
-    logits = _logits(torch.Generator().manual_seed(seed), 4, vocab, torch.float32)
+    logits = _logits(torch.Generator().manual_seed(kernel_seed), 4, vocab, torch.float32)
     slots = [0, 1, 2, 3]
     got, expected = fused.sample(logits, slots), reference.sample(logits, slots)
     assert fused.complete(got, logits, slots) == reference.complete(expected, logits, slots)
